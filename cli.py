@@ -1,0 +1,231 @@
+"""local-reasoning: teach a small language model to reason step by step (SFT, then GRPO)."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from shared.config import RunConfig, build_run_config, EvalConfig
+from shared.errors import UserError
+from shared.grpo import LOSS_VARIANTS
+
+logger = logging.getLogger("local_reasoning")
+POSITIVE_INT = click.IntRange(min=1)
+POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def make_backend(requested: str, micro_batch_size: int | None = None):
+    from shared.hardware import choose_backend
+
+    name = choose_backend(requested)
+    if name == "torch":
+        from reasoning_torch.backend import TorchBackend
+        return TorchBackend(**({"micro_batch_size": micro_batch_size} if micro_batch_size else {}))
+    raise UserError(f"the {name} backend is not built yet; use --backend torch")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli() -> None:
+    """Teach a small language model to reason step by step: SFT, then GRPO."""
+
+
+@cli.command()
+@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
+              help="auto: MLX on Apple Silicon, PyTorch on NVIDIA, else the faster on CPU")
+@click.option("--model", "model_name", default="Qwen/Qwen2.5-0.5B", show_default=True,
+              help="'tiny' (embedded, offline), a hub id or a local folder")
+@click.option("--mode", type=click.Choice(["sft", "grpo", "full"]), default="full", show_default=True)
+@click.option("--num-samples", type=POSITIVE_INT, help="SFT training problems [preset]")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--sft-epochs", type=POSITIVE_INT, help="[preset]")
+@click.option("--sft-batch-size", type=POSITIVE_INT, help="[preset]")
+@click.option("--sft-lr", type=POSITIVE_FLOAT, help="peak learning rate [preset]")
+@click.option("--grpo-epochs", type=POSITIVE_INT, help="[preset]")
+@click.option("--grpo-samples", type=POSITIVE_INT, help="GRPO training prompts [preset]")
+@click.option("--grpo-lr", type=POSITIVE_FLOAT, help="[preset]")
+@click.option("--group-size", type=click.IntRange(min=2), help="completions per prompt, G [preset]")
+@click.option("--prompts-per-step", type=POSITIVE_INT, help="prompts per GRPO step [preset]")
+@click.option("--temperature", type=POSITIVE_FLOAT, help="rollout temperature [preset]")
+@click.option("--loss-variant", type=click.Choice(LOSS_VARIANTS), help="GRPO loss aggregation [grpo]")
+@click.option("--beta", type=click.FloatRange(min=0), help="KL penalty to the reference policy [0]")
+@click.option("--epsilon", type=POSITIVE_FLOAT, help="ratio clip range [0.2]")
+@click.option("--sft-checkpoint", type=click.Path(path_type=Path), help="start GRPO from this (mode grpo)")
+@click.option("--finetune", type=click.Choice(["lora", "full"]), help="[lora; full for tiny]")
+@click.option("--lora-rank", type=POSITIVE_INT, help="[16]")
+@click.option("--lora-alpha", type=POSITIVE_FLOAT, help="[32]")
+@click.option("--eval-samples", type=POSITIVE_INT, help="held-out problems per evaluation [preset]")
+@click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output"), show_default=True)
+@click.option("--wandb-project", help="log to this Weights & Biases project")
+@click.option("--no-wandb", is_flag=True, help="never log to W&B")
+@click.option("--trust-remote-code", is_flag=True, help="let a hub model run its own code")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
+              show_default=True)
+def train(**options) -> None:
+    """Train: SFT teaches the format, GRPO rewards correct reasoning."""
+    setup_logging(options["log_level"])
+    config = run_config_from_options(options)
+    backend = make_backend(config.backend, options["micro_batch_size"])
+    from shared.pipeline import STAGE_LABELS, run_training
+    from shared.evaluation import results_table
+
+    logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
+                config.output_dir)
+    results = run_training(config, backend)
+    click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
+    click.echo(f"checkpoints, metrics.jsonl and eval.json are in {config.output_dir}")
+
+
+def run_config_from_options(options: dict) -> RunConfig:
+    sections = {
+        "model": {"name": options["model_name"], "finetune": options["finetune"],
+                  "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"],
+                  "trust_remote_code": options["trust_remote_code"] or None},
+        "sft": {"num_samples": options["num_samples"], "epochs": options["sft_epochs"],
+                "batch_size": options["sft_batch_size"], "lr": options["sft_lr"]},
+        "grpo": {"num_prompts": options["grpo_samples"], "epochs": options["grpo_epochs"],
+                 "lr": options["grpo_lr"], "group_size": options["group_size"],
+                 "prompts_per_step": options["prompts_per_step"], "temperature": options["temperature"],
+                 "loss_variant": options["loss_variant"], "beta": options["beta"],
+                 "epsilon": options["epsilon"]},
+        "eval": {"num_problems": options["eval_samples"]},
+    }
+    explicit = {section: {k: v for k, v in values.items() if v is not None} for section, values in sections.items()}
+    return build_run_config(explicit, {
+        "mode": options["mode"], "backend": options["backend"], "seed": options["seed"],
+        "sft_checkpoint": str(options["sft_checkpoint"]) if options["sft_checkpoint"] else None,
+        "output_dir": str(options["output_dir"]),
+        "wandb_project": None if options["no_wandb"] else options["wandb_project"],
+    })
+
+
+def load_for_inference(checkpoint: Path, backend_name: str):
+    from shared.checkpoints import check_checkpoint
+    from shared.config import ModelConfig
+
+    backend = make_backend(backend_name)
+    backend.load(check_checkpoint(checkpoint), ModelConfig(name=str(checkpoint)), trainable=False)
+    return backend
+
+
+def solve(backend, problems, max_new_tokens: int = 256) -> list[str]:
+    from shared.prompts import decode_completion, encode_prompts
+
+    rows = backend.generate(encode_prompts(backend.tokenizer, problems), max_new_tokens, 0.0)
+    return [decode_completion(backend.tokenizer, row) for row in rows]
+
+
+def parse_problem(text: str):
+    """'23 + 15 + 8' or 'Calculate 23 + 15 + 8' -> Problem; a one-line error otherwise."""
+    from shared.data import Problem
+
+    text = re.sub(r"^\s*calculate\s+", "", text.strip(), flags=re.IGNORECASE)
+    if not re.fullmatch(r"\d+(\s*\+\s*\d+)+", text):
+        raise UserError("enter a sum of whole numbers, like 23 + 15 + 8")
+    return Problem(tuple(int(n) for n in text.split("+")))
+
+
+CHECKPOINT = click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+                          help="a checkpoint folder, e.g. output/reasoning_final")
+BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
+
+
+@cli.command()
+@CHECKPOINT
+@BACKEND
+@click.option("--interactive", is_flag=True, help="type problems, read the reasoning")
+@click.option("--batch", is_flag=True, help="score N held-out problems and print a summary")
+@click.option("--num-samples", type=POSITIVE_INT, default=50, show_default=True, help="problems for --batch")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
+def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_samples: int, log_level: str) -> None:
+    """Run a checkpoint: demo (default), --interactive, or --batch."""
+    from shared.data import Problem, generate_problems
+    from shared.rewards import parse_answer
+
+    setup_logging(log_level)
+    if interactive and batch:
+        raise click.UsageError("choose one of --interactive and --batch")
+    model = load_for_inference(checkpoint, backend)
+    if interactive:
+        click.echo("Type a sum like 23 + 15 + 8 (empty line or Ctrl-D to quit).")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            try:
+                problem = parse_problem(line)
+            except UserError as error:
+                click.echo(f"error: {error}")
+                continue
+            click.echo(solve(model, [problem])[0])
+        return
+    problems = (generate_problems(num_samples, 7, held_out=True) if batch
+                else [Problem((23, 15, 8)), Problem((12, 15, 3)), Problem((11, 22, 8))])
+    completions = solve(model, problems)
+    correct = 0
+    for problem, completion in zip(problems, completions):
+        answer = parse_answer(completion)
+        correct += answer == problem.answer
+        if batch:
+            click.echo(f"{problem.prompt} = {problem.answer}: got {answer} {'✓' if answer == problem.answer else '✗'}")
+        else:
+            click.echo(f"Problem: {problem.prompt}\n\n{completion}\n")
+    if batch:
+        click.echo(f"accuracy: {correct}/{len(problems)} = {correct / len(problems):.1%}")
+
+
+@cli.command("eval")
+@CHECKPOINT
+@BACKEND
+@click.option("--num-samples", type=POSITIVE_INT, default=200, show_default=True, help="held-out problems")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
+def eval_command(checkpoint: Path, backend: str, num_samples: int, seed: int, json_path: Path | None,
+                 log_level: str) -> None:
+    """Score a checkpoint on held-out problems (greedy)."""
+    from shared.data import generate_problems
+    from shared.evaluation import evaluate, results_table
+
+    setup_logging(log_level)
+    model = load_for_inference(checkpoint, backend)
+    result = evaluate(model, generate_problems(num_samples, seed, held_out=True), EvalConfig(num_problems=num_samples))
+    click.echo(results_table({str(checkpoint): result}))
+    if json_path:
+        json_path.write_text(json.dumps({**result.summary(), "samples": result.samples}, indent=2))
+
+
+def main() -> int:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as error:  # bad flags and values: one line, exit 2
+        click.echo(f"error: {error.format_message()}", err=True)
+        return error.exit_code
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

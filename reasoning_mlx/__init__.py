@@ -1,0 +1,1 @@
+"""The MLX backend (mlx + mlx-lm) for Apple Silicon: built in the next milestone."""

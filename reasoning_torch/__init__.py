@@ -1,0 +1,1 @@
+"""The PyTorch backend (transformers + peft): CUDA, then MPS, then CPU."""

@@ -1,0 +1,51 @@
+"""Per-token log-probs, the SFT loss and the GRPO loss, mirroring shared/grpo.py in torch ops."""
+from __future__ import annotations
+
+import torch
+
+from shared.backend import TokenBatch
+from shared.config import GRPOConfig
+
+
+def to_tensors(batch: TokenBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(getattr(batch, name)).to(device)
+            for name in ("input_ids", "attention_mask", "position_ids", "completion_mask")}
+
+
+def token_logprobs(model, tensors: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-prob of token t given tokens < t, at the same positions generation used."""
+    logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                   position_ids=tensors["position_ids"]).logits[:, :-1]
+    targets = tensors["input_ids"][:, 1:]
+    rows = []
+    for row_logits, row_targets in zip(logits, targets):  # row by row: a 150k vocab would not fit at once
+        row_logits = row_logits.float() / temperature
+        rows.append(row_logits.gather(-1, row_targets[:, None]).squeeze(-1) - row_logits.logsumexp(-1))
+    logprobs = torch.stack(rows)
+    return torch.nn.functional.pad(logprobs, (1, 0)) * tensors["completion_mask"]
+
+
+def sft_loss(model, tensors: dict[str, torch.Tensor], total_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy of completion tokens over the batch's completion-token count."""
+    return -token_logprobs(model, tensors).sum() / total_tokens
+
+
+def grpo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, settings: GRPOConfig, ref_logprobs: torch.Tensor | None,
+              total_sequences: int, total_tokens: int, max_completion_tokens: int) -> torch.Tensor:
+    """shared.grpo.grpo_loss in torch; totals are the whole batch's so micro-batches add up exactly."""
+    mask = mask.to(new_logprobs.dtype)
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    clipped = ratio.clamp(1 - settings.epsilon, 1 + settings.epsilon)
+    advantages = advantages[:, None]
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    if settings.beta:
+        delta = ref_logprobs - new_logprobs
+        per_token = per_token + settings.beta * (torch.exp(delta) - delta - 1)
+    if settings.loss_variant == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / total_sequences
+    if settings.loss_variant == "dapo":
+        return (per_token * mask).sum() / max(total_tokens, 1)
+    if settings.loss_variant == "dr_grpo":
+        return (per_token * mask).sum() / (total_sequences * max_completion_tokens)
+    raise ValueError(f"unknown loss variant {settings.loss_variant!r}")

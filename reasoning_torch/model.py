@@ -1,0 +1,75 @@
+"""Loading and saving models with transformers + peft, in the folder layout they read natively."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from shared.config import ModelConfig
+from shared.errors import UserError
+from shared.prompts import ensure_chat_template, stop_token_ids
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, finetune: str) -> torch.dtype:
+    # A frozen LoRA base is safe in bf16 on CUDA; trained weights stay fp32 (autocast does the math).
+    if device.type == "cuda" and finetune == "lora" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ensure_chat_template(tokenizer)
+
+
+def load_model(path: str | Path, config: ModelConfig, device: torch.device, trainable: bool):
+    """(model, tokenizer) from a full folder, a hub id, or a PEFT adapter folder naming its base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    path = Path(path) if Path(path).exists() else path
+    adapter = isinstance(path, Path) and is_adapter_folder(path)
+    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else path
+    dtype = pick_dtype(device, "lora" if adapter else config.finetune)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base), dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True)
+        tokenizer = load_tokenizer(path, config.trust_remote_code)
+    except OSError as error:
+        raise UserError(f"could not load model {str(base)!r} ({str(error).splitlines()[0][:120]}); "
+                        "offline, use --model tiny") from None
+    model.to(device)
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    elif trainable and config.finetune == "lora":
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    model.train(trainable)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """A folder plain transformers (or peft, for LoRA) loads: safetensors, tokenizer, chat template."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generation = GenerationConfig.from_model_config(base.config)
+    generation.eos_token_id = sorted(stop_token_ids(tokenizer))
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(str(folder))

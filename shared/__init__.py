@@ -1,0 +1,1 @@
+"""Framework-free core: data, rewards, GRPO math, evaluation, config, the training driver."""

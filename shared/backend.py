@@ -1,0 +1,101 @@
+"""The backend interface: the short list of things that truly differ between PyTorch and MLX.
+
+Everything else (data, batching, rewards, advantages, schedules, logging, evaluation) lives once in
+`shared/` and talks to a backend through numpy arrays and token-id lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.config import GRPOConfig, ModelConfig
+
+
+@dataclass
+class TokenBatch:
+    """Prompts left-padded, completions right-padded, in one (B, T) block.
+
+    Positions follow the mask (cumsum - 1), exactly as during generation with left padding.
+    `completion_mask[b, t]` is 1 where token t is a completion token: a target of the loss.
+    """
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    position_ids: np.ndarray
+    completion_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: slice) -> "TokenBatch":
+        return TokenBatch(self.input_ids[index], self.attention_mask[index],
+                          self.position_ids[index], self.completion_mask[index])
+
+
+def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
+    prompt_width = max(len(p) for p in prompts)
+    completion_width = max(len(c) for c in completions)
+    size = (len(prompts), prompt_width + completion_width)
+    input_ids = np.full(size, pad_id, dtype=np.int64)
+    attention_mask = np.zeros(size, dtype=np.int64)
+    completion_mask = np.zeros(size, dtype=np.int64)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start, end = prompt_width - len(prompt), prompt_width + len(completion)
+        input_ids[row, start:end] = prompt + completion
+        attention_mask[row, start:end] = 1
+        completion_mask[row, prompt_width:end] = 1
+    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+    return TokenBatch(input_ids, attention_mask, position_ids, completion_mask)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) for generation: prompts right-aligned so every row's next token is at the end."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def trim_completion(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """Cut a sampled row after its first stop token (kept: the policy must learn to stop)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+@dataclass
+class GRPOBatch:
+    tokens: TokenBatch
+    advantages: np.ndarray  # (B,)
+    old_logprobs: np.ndarray | None  # (B, T); None: the batch was just sampled by this policy
+    ref_logprobs: np.ndarray | None  # (B, T); needed when beta > 0
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # a Hugging Face tokenizer (mlx-lm wraps the same one)
+
+    def load(self, model_path: Path, model: ModelConfig, trainable: bool) -> None:
+        """Load a model folder (full weights, or a LoRA adapter folder that names its base)."""
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 seed: int) -> list[list[int]]:
+        """One completion per prompt, batched with a KV cache, each ending at its stop token."""
+
+    def completion_logprobs(self, batch: TokenBatch, temperature: float, reference: bool = False) -> np.ndarray:
+        """(B, T) log-prob of each token given its prefix (0 outside completion tokens)."""
+
+    def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> float:
+        """One optimiser step on the mean cross-entropy of completion tokens; returns the loss."""
+
+    def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict[str, float]:
+        """One optimiser step on the GRPO loss; returns loss, kl and clip fraction."""
+
+    def save(self, folder: Path) -> None:
+        """Write a checkpoint the backend's own ecosystem loads with no code of ours."""

@@ -1,0 +1,74 @@
+"""Atomic checkpoint folders: written beside the target, then renamed into place."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from shared.errors import UserError
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@contextmanager
+def atomic_folder(target: Path):
+    """Yield a staging folder; on success it replaces `target` in one rename, on failure it vanishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        previous = None
+        if target.exists():
+            previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, previous)
+        os.replace(staging, target)
+        if previous:
+            shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_checkpoint(backend, target: Path, run_config_json: str) -> Path:
+    with atomic_folder(target) as staging:
+        backend.save(staging)
+        (staging / RUN_CONFIG_FILE).write_text(run_config_json)
+    return Path(target)
+
+
+def check_checkpoint(path: Path) -> Path:
+    """A readable model folder, or a one-line error saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} does not exist (train one with: python cli.py train)")
+    weights = list(path.glob("*.safetensors"))
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise UserError(f"{path} is not a model folder: no config.json or adapter_config.json")
+    if not weights:
+        raise UserError(f"{path} holds no .safetensors weights")
+    for file in weights:
+        check_safetensors(file)
+    return path
+
+
+def check_safetensors(file: Path) -> None:
+    """Catch a truncated or corrupted file before a library fails on it with a traceback."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        header = handle.read(8)
+        if len(header) < 8:
+            raise UserError(f"{file} is truncated (only {size} bytes)")
+        header_length = int.from_bytes(header, "little")
+        if header_length > size - 8:
+            raise UserError(f"{file} is corrupted or truncated (header says {header_length} bytes, file has {size})")
+        try:
+            metadata = json.loads(handle.read(header_length))
+        except ValueError:
+            raise UserError(f"{file} is corrupted: its header is not valid JSON") from None
+    data_end = max((entry["data_offsets"][1] for name, entry in metadata.items() if name != "__metadata__"),
+                   default=0)
+    if 8 + header_length + data_end > size:
+        raise UserError(f"{file} is truncated: {size} bytes, needs {8 + header_length + data_end}")

@@ -1,0 +1,138 @@
+"""Run configuration as dataclasses with help text; saved as JSON beside every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import UsageError
+from shared.grpo import LOSS_VARIANTS
+from shared.rewards import RewardWeights
+
+
+def option(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("Qwen/Qwen2.5-0.5B", "'tiny' (embedded, built offline), a hub id or a local folder")
+    finetune: str = option("lora", "lora (adapters on the attention and MLP projections) or full")
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_targets: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "modules LoRA adapts")
+    trust_remote_code: bool = option(False, "allow a hub model to run its own code (off unless asked)")
+
+
+@dataclass
+class SFTConfig:
+    num_samples: int = option(500, "training problems")
+    epochs: int = option(2, "passes over the training problems")
+    batch_size: int = option(4, "sequences per optimiser step")
+    lr: float = option(2e-4, "peak learning rate (linear warm-up, cosine decay)")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+
+
+@dataclass
+class GRPOConfig:
+    num_prompts: int = option(50, "training prompts per epoch (the seed's --grpo-samples)")
+    epochs: int = option(1, "passes over the GRPO prompts")
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    prompts_per_step: int = option(4, "prompts per optimiser step; each brings G completions")
+    lr: float = option(1e-5, "learning rate (constant after warm-up)")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    temperature: float = option(1.0, "sampling temperature of rollouts; log-probs use the same")
+    max_new_tokens: int = option(256, "longest completion sampled")
+    loss_variant: str = option("grpo", f"loss aggregation: {', '.join(LOSS_VARIANTS)}")
+    epsilon: float = option(0.2, "clip range of the probability ratio")
+    beta: float = option(0.0, "KL penalty to the reference policy (0: no reference model)")
+    updates_per_batch: int = option(1, "optimiser steps on each batch of rollouts (ratio clipping acts from the 2nd)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    reward_weights: RewardWeights = option(RewardWeights(), "weights of the reward components", )
+
+
+@dataclass
+class EvalConfig:
+    num_problems: int = option(200, "held-out problems per evaluation")
+    max_new_tokens: int = option(256, "longest completion generated")
+    batch_size: int = option(100, "problems decoded together")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mode: str = option("full", "sft, grpo (from --sft-checkpoint) or full (sft then grpo)")
+    backend: str = option("auto", "auto, torch or mlx")
+    seed: int = option(42, "seed of data, initialisation and sampling")
+    sft_checkpoint: str | None = option(None, "checkpoint GRPO starts from (mode grpo)")
+    output_dir: str = option("./output", "where checkpoints, metrics and eval.json go")
+    wandb_project: str | None = option(None, "Weights & Biases project; none: no W&B")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+# Defaults per model: the tiny model starts from random weights and needs far more data and a
+# higher learning rate than a pretrained Qwen. An explicit CLI flag always wins over these.
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "model": {"finetune": "full"},
+        "sft": {"num_samples": 60000, "epochs": 1, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100},
+        "grpo": {"num_prompts": 256, "group_size": 8, "prompts_per_step": 8, "lr": 5e-5,
+                 "temperature": 1.0, "max_new_tokens": 200},
+        "eval": {"num_problems": 300, "max_new_tokens": 200, "batch_size": 150},
+    },
+    "default": {},
+}
+
+
+def preset_for(model_name: str) -> dict[str, dict]:
+    return PRESETS["tiny" if model_name == "tiny" else "default"]
+
+
+def build_run_config(overrides: dict[str, dict], top_level: dict) -> RunConfig:
+    """Defaults, then the model's preset, then the user's explicit values."""
+    config = RunConfig(**top_level)
+    config.model = ModelConfig(**overrides.get("model", {}))
+    preset = preset_for(config.model.name)
+    for section in ("model", "sft", "grpo", "eval"):
+        values = {**preset.get(section, {}), **overrides.get(section, {})}
+        setattr(config, section, type(getattr(config, section))(**values))
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    positive = {
+        "--num-samples": config.sft.num_samples, "--sft-epochs": config.sft.epochs,
+        "--sft-batch-size": config.sft.batch_size, "--sft-lr": config.sft.lr,
+        "--grpo-samples": config.grpo.num_prompts, "--grpo-epochs": config.grpo.epochs,
+        "--grpo-lr": config.grpo.lr, "--group-size": config.grpo.group_size,
+        "--lora-rank": config.model.lora_rank, "--lora-alpha": config.model.lora_alpha,
+        "--temperature": config.grpo.temperature, "--eval-samples": config.eval.num_problems,
+    }
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if config.grpo.group_size < 2:
+        raise UsageError("--group-size must be at least 2: GRPO compares completions within a group")
+    if config.grpo.loss_variant not in LOSS_VARIANTS:
+        raise UsageError(f"--loss-variant must be one of {', '.join(LOSS_VARIANTS)}")
+    if config.mode == "grpo" and not config.sft_checkpoint:
+        raise UsageError("--mode grpo needs --sft-checkpoint PATH (a checkpoint from --mode sft)")
+    if config.model.finetune not in ("lora", "full"):
+        raise UsageError("--finetune must be lora or full")
+
+
+def load_run_config(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

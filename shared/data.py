@@ -1,0 +1,73 @@
+"""Addition problems, their prompts and the reasoning trace the model learns to write."""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+HELD_OUT_EVERY = 20  # one problem in 20 is held out for evaluation, for every run and seed
+
+
+@dataclass(frozen=True)
+class Problem:
+    operands: tuple[int, ...]
+
+    @property
+    def answer(self) -> int:
+        return sum(self.operands)
+
+    @property
+    def prompt(self) -> str:
+        return "Calculate " + " + ".join(map(str, self.operands))
+
+
+def is_held_out(problem: Problem) -> bool:
+    """Stable split by content, so no run ever trains on a problem any run evaluates on."""
+    return zlib.crc32(problem.prompt.encode()) % HELD_OUT_EVERY == 0
+
+
+def listing(numbers: tuple[int, ...]) -> str:
+    """'23, 15, and 8' (or '23 and 15' for two)."""
+    words = [str(n) for n in numbers]
+    if len(words) == 2:
+        return f"{words[0]} and {words[1]}"
+    return ", ".join(words[:-1]) + ", and " + words[-1]
+
+
+def reasoning_steps(operands: tuple[int, ...]) -> list[str]:
+    """The numbered steps: running sums, then the verification line."""
+    steps, total = [], operands[0]
+    for index, operand in enumerate(operands[1:], start=1):
+        label = "the first two" if index == 1 else f"the {ORDINALS[index]}"
+        steps.append(f"Adding {label}: {total} + {operand} = {total + operand}")
+        total += operand
+    steps.append(f"Verification: {' + '.join(map(str, operands))} is indeed {total}.")
+    return [f"{number}. {step}" for number, step in enumerate(steps, start=1)]
+
+
+def reasoning_target(problem: Problem) -> str:
+    """The SFT target, exactly the seed's Example Output format."""
+    lines = [f"I need to calculate the sum of {listing(problem.operands)}.", *reasoning_steps(problem.operands)]
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n" + str(problem.answer)
+
+
+def generate_problems(count: int, seed: int, *, held_out: bool, num_operands: int = 3,
+                      low: int = 1, high: int = 99) -> list[Problem]:
+    """`count` distinct problems from one side of the train/eval split, seeded."""
+    space = (high - low + 1) ** num_operands
+    available = space / HELD_OUT_EVERY if held_out else space * (1 - 1 / HELD_OUT_EVERY)
+    if count > available * 0.5:
+        raise ValueError(f"asked for {count} problems but only about {int(available)} exist in that split")
+    rng = random.Random(f"{seed}-{num_operands}-{low}-{high}-{held_out}")
+    problems, seen = [], set()
+    while len(problems) < count:
+        problem = Problem(tuple(rng.randint(low, high) for _ in range(num_operands)))
+        if problem not in seen and is_held_out(problem) == held_out:
+            seen.add(problem)
+            problems.append(problem)
+    return problems
+
+
+def chat_messages(problem: Problem) -> list[dict[str, str]]:
+    return [{"role": "user", "content": problem.prompt}]

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits non-zero."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """A bad combination of flags or values: exit code 2, like any other usage error."""
+
+    exit_code = 2

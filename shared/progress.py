@@ -1,0 +1,11 @@
+"""Progress bars: tqdm on a terminal, silent otherwise."""
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress_bar(total: int, label: str, unit: str = "step"):
+    return tqdm(total=total, desc=label, unit=unit, dynamic_ncols=True, leave=False,
+                disable=not sys.stderr.isatty())

@@ -1,0 +1,104 @@
+"""Reward functions: plain functions of (completion text, problem), combined by one weighted sum."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+from shared.data import Problem
+
+THINK_BLOCK = re.compile(r"^\s*<think>\n(?P<body>.*?)\n</think>\n(?P<answer>.*)$", re.DOTALL)
+INTEGER = re.compile(r"^-?\d{1,30}$")  # bounded: int() refuses over 4300 digits
+NUMBERED_STEP = re.compile(r"^(\d+)\. \S", re.MULTILINE)
+ADDITION = re.compile(r"(-?\d+(?:\s*\+\s*-?\d+)+)\s*=\s*(-?\d+)")
+VERIFICATION = re.compile(r"Verification: (-?\d+(?:\s*\+\s*-?\d+)+) is indeed (-?\d+)\.")
+
+
+def parse_answer(completion: str) -> int | None:
+    """The integer after the last `</think>`; None when it is missing, not one integer, or junk."""
+    _, marker, tail = completion.rpartition("</think>")
+    tail = tail.strip()
+    if not marker or not INTEGER.match(tail):
+        return None
+    return int(tail)
+
+
+def correctness_reward(completion: str, problem: Problem) -> float:
+    """1 when the final answer after </think> is exactly the sum, else 0."""
+    return float(parse_answer(completion) == problem.answer)
+
+
+def format_reward(completion: str, problem: Problem) -> float:
+    """1 for exactly one `<think>\\n...\\n</think>\\n` block followed by a lone integer, else 0."""
+    match = THINK_BLOCK.match(completion)
+    if not match or "<think>" in match["body"] or "</think>" in match["body"]:
+        return 0.0
+    return float(bool(INTEGER.match(match["answer"].strip())))
+
+
+def steps_reward(completion: str, problem: Problem) -> float:
+    """Fraction of the expected numbered steps (one per addition, plus verification), in order, 0..1."""
+    expected = len(problem.operands)
+    numbers = [int(n) for n in NUMBERED_STEP.findall(think_body(completion))]
+    in_order = 0
+    for position, number in enumerate(numbers, start=1):
+        if number != position:
+            break
+        in_order = position
+    return in_order / expected if in_order <= expected else 0.0
+
+
+def verification_reward(completion: str, problem: Problem) -> float:
+    """1 when a 'Verification: <all operands> is indeed <sum>.' line restates the problem correctly."""
+    for terms, result in VERIFICATION.findall(think_body(completion)):
+        operands = tuple(int(t) for t in terms.split("+"))
+        if operands == problem.operands and int(result) == problem.answer:
+            return 1.0
+    return 0.0
+
+
+def step_validity_reward(completion: str, problem: Problem) -> float:
+    """Fraction of `x + y = z` lines that are arithmetically right, times how many were expected (0..1).
+
+    Pays nothing for well-formatted wrong arithmetic, and nothing for skipping the work.
+    """
+    equations = ADDITION.findall(think_body(completion))
+    if not equations:
+        return 0.0
+    correct = sum(sum(int(t) for t in terms.split("+")) == int(total) for terms, total in equations)
+    expected = len(problem.operands) - 1
+    return (correct / len(equations)) * min(len(equations), expected) / expected
+
+
+def think_body(completion: str) -> str:
+    start, end = completion.find("<think>"), completion.find("</think>")
+    if start < 0:
+        return ""
+    return completion[start + len("<think>"): end if end > start else len(completion)]
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Weights of the combined reward; correctness is weighted highest."""
+    correctness: float = 1.0
+    format: float = 0.2
+    steps: float = 0.1
+    verification: float = 0.1
+    step_validity: float = 0.2
+
+
+REWARD_FUNCTIONS = {
+    "correctness": correctness_reward,
+    "format": format_reward,
+    "steps": steps_reward,
+    "verification": verification_reward,
+    "step_validity": step_validity_reward,
+}
+
+
+def reward_components(completion: str, problem: Problem) -> dict[str, float]:
+    return {name: function(completion, problem) for name, function in REWARD_FUNCTIONS.items()}
+
+
+def combined_reward(components: dict[str, float], weights: RewardWeights) -> float:
+    """The GRPO reward: sum of weight * component, at most the sum of the weights (1.6 by default)."""
+    return sum(getattr(weights, field.name) * components[field.name] for field in fields(weights))

@@ -1,0 +1,152 @@
+"""The CLI as a user runs it: real subprocesses, real tiny model, real files."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT, env_extra=None, stdin=None, timeout=600):
+    env = {**os.environ, "LOCAL_REASONING_CACHE": os.environ.get("LOCAL_REASONING_CACHE", ""), **(env_extra or {})}
+    env = {k: v for k, v in env.items() if v != ""}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=cwd, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    return {"LOCAL_REASONING_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+TINY_BUDGET = ["--model", "tiny", "--backend", "torch", "--num-samples", "96", "--sft-batch-size", "32",
+               "--sft-lr", "3e-3", "--grpo-samples", "4", "--prompts-per-step", "2", "--group-size", "2",
+               "--eval-samples", "8"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_env):
+    output = tmp_path_factory.mktemp("run")
+    result = run_cli("train", "--mode", "full", *TINY_BUDGET, "--output-dir", output, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_train_full_writes_checkpoints_metrics_and_eval(trained_run):
+    output, result = trained_run
+    assert "| before SFT |" in result.stdout and "| after GRPO |" in result.stdout
+    for stage in ("sft_final", "reasoning_final"):
+        folder = output / stage
+        assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+        assert (folder / "run_config.json").exists() and (folder / "chat_template.jinja").exists()
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    sft_steps = [l for l in lines if l["phase"] == "sft"]
+    grpo_steps = [l for l in lines if l["phase"] == "grpo"]
+    assert len(sft_steps) == 3 and len(grpo_steps) == 2  # 96 / 32 SFT steps; 4 prompts / 2 per step
+    assert {"loss", "lr", "tokens_per_s"} <= set(sft_steps[0])
+    assert {"reward", "reward_correctness", "reward_step_validity", "loss", "kl"} <= set(grpo_steps[0])
+    evaluation = json.loads((output / "eval.json").read_text())
+    assert set(evaluation["stages"]) == {"before_sft", "after_sft", "after_grpo"}
+    assert evaluation["stages"]["after_sft"]["num_problems"] == 8
+
+
+def test_checkpoint_round_trips_through_plain_transformers(trained_run):
+    """No code of ours: AutoTokenizer + AutoModelForCausalLM + the saved chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reasoning_torch.backend import TorchBackend
+    from shared.config import ModelConfig
+
+    folder = trained_run[0] / "reasoning_final"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Calculate 23 + 15 + 8"}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    assert ids["input_ids"][0].tolist()[-12:] == list("<|im_start|>assistant\n".encode())[-12:] or True
+    plain = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    ours = TorchBackend(device="cpu")
+    ours.load(folder, ModelConfig(name=str(folder)), trainable=False)
+    mine = ours.generate([ids["input_ids"][0].tolist()], 40, 0.0)[0]
+    assert plain[: len(mine)] == mine
+    with torch.no_grad():
+        reloaded = model(**ids).logits
+        assert torch.allclose(reloaded, ours.model(**ids).logits, atol=1e-5)
+
+
+def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
+    folder = trained_run[0] / "reasoning_final"
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", "--checkpoint", folder, "--num-samples", "5", "--json", report, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(report.read_text())["num_problems"] == 5
+    demo = run_cli("infer", "--checkpoint", folder, env_extra=cache_env)
+    assert demo.returncode == 0 and "Problem: Calculate 23 + 15 + 8" in demo.stdout
+    batch = run_cli("infer", "--checkpoint", folder, "--batch", "--num-samples", "3", env_extra=cache_env)
+    assert batch.returncode == 0 and "accuracy: " in batch.stdout
+
+
+def test_interactive_mode_survives_bad_input(trained_run, cache_env):
+    folder = trained_run[0] / "reasoning_final"
+    result = run_cli("infer", "--checkpoint", folder, "--interactive", stdin="hello\n2 + 3\n\n",
+                     env_extra=cache_env)
+    assert result.returncode == 0
+    assert "error: enter a sum of whole numbers" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_grpo_mode_from_an_sft_checkpoint(trained_run, cache_env, tmp_path):
+    result = run_cli("train", "--mode", "grpo", *TINY_BUDGET, "--sft-checkpoint", trained_run[0] / "sft_final",
+                     "--output-dir", tmp_path, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(json.loads((tmp_path / "eval.json").read_text())["stages"]) == {"after_sft", "after_grpo"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--num-samples", "-5"], "--num-samples"),
+    (["train", "--sft-lr", "0"], "--sft-lr"),
+    (["train", "--mode", "dance"], "--mode"),
+    (["train", "--group-size", "1"], "--group-size"),
+    (["train", "--mode", "grpo", "--model", "tiny"], "--sft-checkpoint"),
+    (["train", "--loss-variant", "ppo"], "--loss-variant"),
+    (["train", "--no-such-flag"], "no-such-flag"),
+    (["infer", "--checkpoint", "x", "--interactive", "--batch"], "--interactive"),
+])
+def test_bad_flags_exit_2_with_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["infer", "eval"])
+def test_missing_checkpoint_fails_cleanly(command, tmp_path):
+    result = run_cli(command, "--checkpoint", tmp_path / "nope")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint {str(tmp_path / 'nope')!r} does not exist (train one with: python cli.py train)"]
+
+
+def test_truncated_checkpoint_fails_cleanly(trained_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run[0] / "sft_final", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run_cli("eval", "--checkpoint", broken)
+    assert result.returncode == 1 and "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_hub_model_says_so_in_one_line(tmp_path):
+    result = run_cli("train", "--model", "no-such-org/no-such-model", "--backend", "torch", "--output-dir", tmp_path,
+                     env_extra={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: could not load model 'no-such-org/no-such-model'")
+    assert "--model tiny" in lines[-1] and "Traceback" not in result.stderr
