@@ -58,10 +58,12 @@ def cli() -> None:
 @click.option("--grpo-epochs", type=POSITIVE_INT, help="[preset]")
 @click.option("--grpo-samples", type=POSITIVE_INT, help="GRPO training prompts [preset]")
 @click.option("--grpo-lr", type=POSITIVE_FLOAT, help="[preset]")
+@click.option("--grpo-warmup-steps", type=click.IntRange(min=0), help="linear warm-up of the GRPO lr [preset]")
 @click.option("--group-size", type=click.IntRange(min=2), help="completions per prompt, G [preset]")
 @click.option("--prompts-per-step", type=POSITIVE_INT, help="prompts per GRPO step [preset]")
 @click.option("--temperature", type=POSITIVE_FLOAT, help="rollout temperature [preset]")
 @click.option("--loss-variant", type=click.Choice(LOSS_VARIANTS), help="GRPO loss aggregation [grpo]")
+@click.option("--updates-per-batch", type=POSITIVE_INT, help="optimiser steps per batch of rollouts [1]")
 @click.option("--beta", type=click.FloatRange(min=0), help="KL penalty to the reference policy [0]")
 @click.option("--epsilon", type=POSITIVE_FLOAT, help="ratio clip range [0.2]")
 @click.option("--sft-checkpoint", type=click.Path(path_type=Path), help="start GRPO from this (mode grpo)")
@@ -69,6 +71,7 @@ def cli() -> None:
 @click.option("--lora-rank", type=POSITIVE_INT, help="[16]")
 @click.option("--lora-alpha", type=POSITIVE_FLOAT, help="[32]")
 @click.option("--eval-samples", type=POSITIVE_INT, help="held-out problems per evaluation [preset]")
+@click.option("--eval-every", type=click.IntRange(min=0), help="also evaluate every N steps of each phase [0: off]")
 @click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output"), show_default=True)
 @click.option("--wandb-project", help="log to this Weights & Biases project")
@@ -99,11 +102,11 @@ def run_config_from_options(options: dict) -> RunConfig:
         "sft": {"num_samples": options["num_samples"], "epochs": options["sft_epochs"],
                 "batch_size": options["sft_batch_size"], "lr": options["sft_lr"]},
         "grpo": {"num_prompts": options["grpo_samples"], "epochs": options["grpo_epochs"],
-                 "lr": options["grpo_lr"], "group_size": options["group_size"],
+                 "lr": options["grpo_lr"], "warmup_steps": options["grpo_warmup_steps"], "group_size": options["group_size"],
                  "prompts_per_step": options["prompts_per_step"], "temperature": options["temperature"],
                  "loss_variant": options["loss_variant"], "beta": options["beta"],
-                 "epsilon": options["epsilon"]},
-        "eval": {"num_problems": options["eval_samples"]},
+                 "epsilon": options["epsilon"], "updates_per_batch": options["updates_per_batch"]},
+        "eval": {"num_problems": options["eval_samples"], "every_steps": options["eval_every"]},
     }
     explicit = {section: {k: v for k, v in values.items() if v is not None} for section, values in sections.items()}
     return build_run_config(explicit, {

@@ -14,6 +14,7 @@ from shared.prompts import stop_token_ids
 from reasoning_torch.generate import generate
 from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
 from reasoning_torch.model import load_model, pick_device, save_model
+from reasoning_torch.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state
 
 
 class TorchBackend:
@@ -23,13 +24,12 @@ class TorchBackend:
         self.device = torch.device(device) if device else pick_device()
         self.micro_batch_size = micro_batch_size
         self.model = self.tokenizer = self.optimizer = self.reference = None
+        self.saved_optimizer_state: dict[str, torch.Tensor] = {}
 
     def load(self, model_path: Path, model: ModelConfig, trainable: bool = True) -> None:
         self.model, self.tokenizer = load_model(model_path, model, self.device, trainable)
         self.optimizer = self.reference = None
-
-    def reset_optimizer(self) -> None:
-        self.optimizer = None
+        self.saved_optimizer_state = load_optimizer_state(Path(model_path)) if trainable else {}
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -71,8 +71,7 @@ class TorchBackend:
 
     def optimizer_step(self, lr: float, max_grad_norm: float, weight_decay: float) -> float:
         if self.optimizer is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+            self.optimizer = make_optimizer(self.model, lr, weight_decay, self.saved_optimizer_state)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -121,6 +120,8 @@ class TorchBackend:
 
     def save(self, folder: Path) -> None:
         save_model(self.model, self.tokenizer, folder)
+        if self.optimizer is not None:
+            save_optimizer_state(self.model, self.optimizer, folder)
 
 
 class _AdapterDisabled:

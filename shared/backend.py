@@ -82,7 +82,11 @@ class Backend(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer (mlx-lm wraps the same one)
 
     def load(self, model_path: Path, model: ModelConfig, trainable: bool) -> None:
-        """Load a model folder (full weights, or a LoRA adapter folder that names its base)."""
+        """Load a model folder (full weights, or a LoRA adapter folder that names its base).
+
+        The optimizer starts with the moments saved in the folder, if any; one optimizer serves
+        both phases of a run, so GRPO starts with SFT's moments.
+        """
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  seed: int) -> list[list[int]]:
@@ -91,11 +95,11 @@ class Backend(Protocol):
     def completion_logprobs(self, batch: TokenBatch, temperature: float, reference: bool = False) -> np.ndarray:
         """(B, T) log-prob of each token given its prefix (0 outside completion tokens)."""
 
-    def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> float:
-        """One optimiser step on the mean cross-entropy of completion tokens; returns the loss."""
+    def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> dict[str, float]:
+        """One optimiser step on the mean cross-entropy of completion tokens; returns loss and grad norm."""
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict[str, float]:
-        """One optimiser step on the GRPO loss; returns loss, kl and clip fraction."""
+        """One optimiser step on the GRPO loss; returns loss, kl, clip fraction and grad norm."""
 
     def save(self, folder: Path) -> None:
-        """Write a checkpoint the backend's own ecosystem loads with no code of ours."""
+        """Write a checkpoint the backend's own ecosystem loads with no code of ours (plus optimizer moments)."""

@@ -45,8 +45,9 @@ class GRPOConfig:
     epochs: int = option(1, "passes over the GRPO prompts")
     group_size: int = option(8, "completions sampled per prompt (G)")
     prompts_per_step: int = option(4, "prompts per optimiser step; each brings G completions")
-    lr: float = option(1e-5, "learning rate (constant after warm-up)")
+    lr: float = option(1e-5, "peak learning rate (linear warm-up, cosine decay)")
     warmup_steps: int = option(0, "linear warm-up steps")
+    min_lr_ratio: float = option(1.0, "final learning rate as a fraction of the peak (1: constant)")
     temperature: float = option(1.0, "sampling temperature of rollouts; log-probs use the same")
     max_new_tokens: int = option(256, "longest completion sampled")
     loss_variant: str = option("grpo", f"loss aggregation: {', '.join(LOSS_VARIANTS)}")
@@ -63,6 +64,7 @@ class EvalConfig:
     num_problems: int = option(200, "held-out problems per evaluation")
     max_new_tokens: int = option(256, "longest completion generated")
     batch_size: int = option(100, "problems decoded together")
+    every_steps: int = option(0, "also evaluate every N optimiser steps during training (0: only between phases)")
 
 
 @dataclass
@@ -87,8 +89,8 @@ class RunConfig:
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": {"finetune": "full"},
-        "sft": {"num_samples": 60000, "epochs": 1, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100},
-        "grpo": {"num_prompts": 256, "group_size": 8, "prompts_per_step": 8, "lr": 5e-5,
+        "sft": {"num_samples": 72000, "epochs": 1, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100},
+        "grpo": {"num_prompts": 1024, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "min_lr_ratio": 0.1,
                  "temperature": 1.0, "max_new_tokens": 200},
         "eval": {"num_problems": 300, "max_new_tokens": 200, "batch_size": 150},
     },

@@ -34,6 +34,14 @@ def run_training(config: RunConfig, backend: Backend) -> dict[str, EvalResult]:
     results: dict[str, EvalResult] = {}
     timings: dict[str, float] = {}
 
+    def evaluate_during(phase: str):
+        def on_step(step: int) -> None:
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                result = evaluate(backend, eval_problems, config.eval, label=f"eval {phase} step {step}")
+                metrics({"phase": "eval", "stage": phase, "step": step, **result.summary()})
+                logger.info("%s step %d: accuracy %.1f%%", phase, step, 100 * result.accuracy)
+        return on_step
+
     def evaluate_stage(stage: str) -> None:
         result = evaluate(backend, eval_problems, config.eval, label=f"eval {STAGE_LABELS[stage]}")
         results[stage] = result
@@ -47,7 +55,7 @@ def run_training(config: RunConfig, backend: Backend) -> dict[str, EvalResult]:
             evaluate_stage("before_sft")
             problems = generate_problems(config.sft.num_samples, config.seed, held_out=False)
             began = time.perf_counter()
-            train_sft(backend, problems, config.sft, config.seed, metrics)
+            train_sft(backend, problems, config.sft, config.seed, metrics, evaluate_during("sft"))
             timings["sft_s"] = time.perf_counter() - began
             save_checkpoint(backend, output / "sft_final", config.to_json())
             evaluate_stage("after_sft")
@@ -57,7 +65,7 @@ def run_training(config: RunConfig, backend: Backend) -> dict[str, EvalResult]:
                 evaluate_stage("after_sft")
             problems = generate_problems(config.grpo.num_prompts, config.seed + 1, held_out=False)
             began = time.perf_counter()
-            train_grpo(backend, problems, config.grpo, config.seed, metrics)
+            train_grpo(backend, problems, config.grpo, config.seed, metrics, evaluate_during("grpo"))
             timings["grpo_s"] = time.perf_counter() - began
             save_checkpoint(backend, output / "reasoning_final", config.to_json())
             evaluate_stage("after_grpo")

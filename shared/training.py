@@ -26,13 +26,13 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, m
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed: int, log: Log) -> None:
+def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed: int, log: Log,
+              on_step: Callable[[int], None] | None = None) -> None:
     tokenizer = backend.tokenizer
     examples = list(zip(encode_prompts(tokenizer, problems), encode_targets(tokenizer, problems)))
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     rng = np.random.default_rng(seed)
-    backend.reset_optimizer()
     step = 0
     with progress_bar(total_steps, "SFT") as bar:
         for epoch in range(config.epochs):
@@ -49,6 +49,8 @@ def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed
                      "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 bar.update()
+                if on_step:
+                    on_step(step)
 
 
 def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple[list[float], list[dict]]:
@@ -63,7 +65,6 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
     steps_per_epoch = math.ceil(len(problems) / config.prompts_per_step)
     total_steps = steps_per_epoch * config.epochs
     rng = np.random.default_rng(seed)
-    backend.reset_optimizer()
     step = 0
     with progress_bar(total_steps, "GRPO") as bar:
         for epoch in range(config.epochs):
@@ -87,7 +88,7 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
                 ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta else None
                 old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 else None
                 batch = GRPOBatch(tokens, advantages.ravel().astype(np.float32), old, ref)
-                lr = learning_rate(step, total_steps, config.lr, config.warmup_steps)
+                lr = learning_rate(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
                 for _ in range(config.updates_per_batch):
                     stats = backend.grpo_step(batch, lr, config)
                 step += 1

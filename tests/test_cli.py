@@ -67,7 +67,7 @@ def test_checkpoint_round_trips_through_plain_transformers(trained_run):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Calculate 23 + 15 + 8"}],
                                          add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    assert ids["input_ids"][0].tolist()[-12:] == list("<|im_start|>assistant\n".encode())[-12:] or True
+    assert text.endswith("<|im_start|>assistant\n")
     plain = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
     ours = TorchBackend(device="cpu")
     ours.load(folder, ModelConfig(name=str(folder)), trainable=False)

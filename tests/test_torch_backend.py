@@ -143,3 +143,26 @@ def test_lora_trains_only_adapters_and_reference_is_the_base(tiny_model_dir):
     plain.load(tiny_model_dir, FULL, trainable=False)
     np.testing.assert_allclose(reference, plain.completion_logprobs(batch), atol=1e-5)
     assert not np.allclose(policy, reference, atol=1e-3)
+
+
+def test_optimizer_moments_travel_with_the_checkpoint(backend, tmp_path):
+    """A checkpoint resumes with the same AdamW moments: the next step equals an uninterrupted one."""
+    prompts, completions = encoded(backend)
+    batch = pack_batch(prompts, completions, PAD)
+    for _ in range(2):
+        backend.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    backend.save(tmp_path)
+    assert (tmp_path / "optimizer.safetensors").exists()
+    resumed = TorchBackend(device="cpu")
+    resumed.load(tmp_path, FULL, trainable=True)
+    backend.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    resumed.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    for (name, mine), (_, theirs) in zip(backend.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5, msg=name)
+    fresh = TorchBackend(device="cpu")
+    fresh.load(tmp_path, FULL, trainable=True)
+    (tmp_path / "optimizer.safetensors").unlink()
+    fresh.saved_optimizer_state = {}
+    fresh.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    embedding = lambda b: b.model.model.embed_tokens.weight
+    assert not torch.allclose(embedding(fresh), embedding(resumed), atol=1e-6)  # the moments mattered
