@@ -21,6 +21,7 @@ def atomic_folder(target: Path):
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        make_readable(staging)
         previous = None
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -30,6 +31,15 @@ def atomic_folder(target: Path):
             shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_readable(folder: Path) -> None:
+    """mkdtemp makes private folders; a checkpoint gets the usual permissions (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def save_checkpoint(backend, target: Path, run_config_json: str) -> Path:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.checkpoints import make_readable
+
 TINY_MODEL_NAME = "tiny"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -193,6 +195,7 @@ def write_tiny_model(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
         merges = json.loads(tokenizer.to_str())["model"]["merges"]
         (staging / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges))
         (staging / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        make_readable(staging)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
