@@ -26,31 +26,35 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, m
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int):
+    """(epoch, indices) for each batch of each epoch, reshuffled every epoch, seeded."""
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        order = rng.permutation(count)
+        for start in range(0, count, batch_size):
+            yield epoch, order[start:start + batch_size]
+
+
 def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed: int, log: Log,
               on_step: Callable[[int], None] | None = None) -> None:
     tokenizer = backend.tokenizer
     examples = list(zip(encode_prompts(tokenizer, problems), encode_targets(tokenizer, problems)))
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    rng = np.random.default_rng(seed)
-    step = 0
+    total_steps = math.ceil(len(examples) / config.batch_size) * config.epochs
+    batches = shuffled_batches(len(examples), config.batch_size, config.epochs, seed)
     with progress_bar(total_steps, "SFT") as bar:
-        for epoch in range(config.epochs):
-            order = rng.permutation(len(examples))
-            for start in range(0, len(order), config.batch_size):
-                chosen = [examples[i] for i in order[start:start + config.batch_size]]
-                batch = pack_batch([p for p, _ in chosen], [c for _, c in chosen], tokenizer.pad_token_id)
-                lr = learning_rate(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
-                began = time.perf_counter()
-                stats = backend.sft_step(batch, lr, config.max_grad_norm, config.weight_decay)
-                seconds = time.perf_counter() - began
-                step += 1
-                log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats,
-                     "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                bar.update()
-                if on_step:
-                    on_step(step)
+        for step, (epoch, indices) in enumerate(batches, start=1):
+            chosen = [examples[i] for i in indices]
+            batch = pack_batch([p for p, _ in chosen], [c for _, c in chosen], tokenizer.pad_token_id)
+            lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
+            began = time.perf_counter()
+            stats = backend.sft_step(batch, lr, config.max_grad_norm, config.weight_decay)
+            seconds = time.perf_counter() - began
+            log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats,
+                 "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            bar.update()
+            if on_step:
+                on_step(step)
 
 
 def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple[list[float], list[dict]]:
@@ -62,43 +66,38 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
                on_step: Callable[[int], None] | None = None) -> None:
     """Sample G completions per prompt, score them, and push toward the better ones of each group."""
     tokenizer = backend.tokenizer
-    steps_per_epoch = math.ceil(len(problems) / config.prompts_per_step)
-    total_steps = steps_per_epoch * config.epochs
-    rng = np.random.default_rng(seed)
-    step = 0
+    total_steps = math.ceil(len(problems) / config.prompts_per_step) * config.epochs
+    batches = shuffled_batches(len(problems), config.prompts_per_step, config.epochs, seed)
     with progress_bar(total_steps, "GRPO") as bar:
-        for epoch in range(config.epochs):
-            order = rng.permutation(len(problems))
-            for start in range(0, len(order), config.prompts_per_step):
-                chosen = [problems[i] for i in order[start:start + config.prompts_per_step]]
-                began = time.perf_counter()
-                prompts = [ids for ids in encode_prompts(tokenizer, chosen) for _ in range(config.group_size)]
-                completions = backend.generate(prompts, config.max_new_tokens, config.temperature,
-                                               seed=seed * 100_003 + step)
-                texts = [decode_completion(tokenizer, c) for c in completions]
-                rewards, components = [], []
-                for index, problem in enumerate(chosen):
-                    group = slice(index * config.group_size, (index + 1) * config.group_size)
-                    group_rewards, group_components = score_group(texts[group], problem, config)
-                    rewards.append(group_rewards)
-                    components += group_components
-                advantages = group_advantages(np.array(rewards), scale_by_std=config.loss_variant != "dr_grpo")
-                tokens = pack_batch(prompts, completions, tokenizer.pad_token_id)
-                rollout_seconds = time.perf_counter() - began
-                ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta else None
-                old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 else None
-                batch = GRPOBatch(tokens, advantages.ravel().astype(np.float32), old, ref)
-                lr = learning_rate(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
-                for _ in range(config.updates_per_batch):
-                    stats = backend.grpo_step(batch, lr, config)
-                step += 1
-                means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
-                log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
-                     "reward": float(np.mean(rewards)), **means,
-                     "completion_tokens": float(np.mean([len(c) for c in completions])),
-                     "rollout_s": rollout_seconds, "step_s": time.perf_counter() - began,
-                     "tokens_per_s": int(tokens.attention_mask.sum()) / (time.perf_counter() - began)})
-                bar.set_postfix(reward=f"{np.mean(rewards):.3f}", acc=f"{means['reward_correctness']:.2f}")
-                bar.update()
-                if on_step:
-                    on_step(step)
+        for step, (epoch, indices) in enumerate(batches, start=1):
+            chosen = [problems[i] for i in indices]
+            began = time.perf_counter()
+            prompts = [ids for ids in encode_prompts(tokenizer, chosen) for _ in range(config.group_size)]
+            completions = backend.generate(prompts, config.max_new_tokens, config.temperature,
+                                           seed=seed * 100_003 + step - 1)
+            texts = [decode_completion(tokenizer, c) for c in completions]
+            rewards, components = [], []
+            for index, problem in enumerate(chosen):
+                group = slice(index * config.group_size, (index + 1) * config.group_size)
+                group_rewards, group_components = score_group(texts[group], problem, config)
+                rewards.append(group_rewards)
+                components += group_components
+            advantages = group_advantages(np.array(rewards), scale_by_std=config.loss_variant != "dr_grpo")
+            tokens = pack_batch(prompts, completions, tokenizer.pad_token_id)
+            rollout_seconds = time.perf_counter() - began
+            ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta else None
+            old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 else None
+            batch = GRPOBatch(tokens, advantages.ravel().astype(np.float32), old, ref)
+            lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
+            for _ in range(config.updates_per_batch):
+                stats = backend.grpo_step(batch, lr, config)
+            means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
+            log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
+                 "reward": float(np.mean(rewards)), **means,
+                 "completion_tokens": float(np.mean([len(c) for c in completions])),
+                 "rollout_s": rollout_seconds, "step_s": time.perf_counter() - began,
+                 "tokens_per_s": int(tokens.attention_mask.sum()) / (time.perf_counter() - began)})
+            bar.set_postfix(reward=f"{np.mean(rewards):.3f}", acc=f"{means['reward_correctness']:.2f}")
+            bar.update()
+            if on_step:
+                on_step(step)
