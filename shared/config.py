@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shared.errors import UsageError
 from shared.grpo import LOSS_VARIANTS
@@ -134,7 +133,3 @@ def validate(config: RunConfig) -> None:
         raise UsageError("--mode grpo needs --sft-checkpoint PATH (a checkpoint from --mode sft)")
     if config.model.finetune not in ("lora", "full"):
         raise UsageError("--finetune must be lora or full")
-
-
-def load_run_config(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

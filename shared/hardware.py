@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-import shutil
 
 from shared.errors import UserError
 
@@ -21,10 +20,6 @@ def is_installed(backend: str) -> bool:
 
 def is_apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
-def has_nvidia_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None
 
 
 def choose_backend(requested: str) -> str:
