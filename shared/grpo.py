@@ -50,4 +50,3 @@ def grpo_loss(new_logprobs: np.ndarray, old_logprobs: np.ndarray, advantages: np
     if beta:
         per_token = per_token + beta * per_token_kl(new_logprobs, ref_logprobs)
     return aggregate(per_token, mask, variant, max_completion_tokens)
-

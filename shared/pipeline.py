@@ -34,20 +34,21 @@ def run_training(config: RunConfig, backend: Backend) -> dict[str, EvalResult]:
     results: dict[str, EvalResult] = {}
     timings: dict[str, float] = {}
 
+    def evaluate_and_log(stage: str, label: str, step: int | None = None) -> EvalResult:
+        result = evaluate(backend, eval_problems, config.eval, label=f"eval {label}")
+        metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary()})
+        logger.info("%s: accuracy %.1f%%, format %.1f%%", label, 100 * result.accuracy,
+                    100 * result.format_compliance)
+        return result
+
     def evaluate_during(phase: str):
         def on_step(step: int) -> None:
             if config.eval.every_steps and step % config.eval.every_steps == 0:
-                result = evaluate(backend, eval_problems, config.eval, label=f"eval {phase} step {step}")
-                metrics({"phase": "eval", "stage": phase, "step": step, **result.summary()})
-                logger.info("%s step %d: accuracy %.1f%%", phase, step, 100 * result.accuracy)
+                evaluate_and_log(phase, f"{phase} step {step}", step)
         return on_step
 
     def evaluate_stage(stage: str) -> None:
-        result = evaluate(backend, eval_problems, config.eval, label=f"eval {STAGE_LABELS[stage]}")
-        results[stage] = result
-        metrics({"phase": "eval", "stage": stage, **result.summary()})
-        logger.info("%s: accuracy %.1f%%, format %.1f%%", STAGE_LABELS[stage], 100 * result.accuracy,
-                    100 * result.format_compliance)
+        results[stage] = evaluate_and_log(stage, STAGE_LABELS[stage])
 
     try:
         if config.mode in ("sft", "full"):
