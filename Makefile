@@ -3,23 +3,25 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 OUTPUT ?= output
 
 .PHONY: demo test bench clean
+.PRECIOUS: $(VENV)/.installed-%
 
-$(STAMP): pyproject.toml
-	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
-	@touch $(STAMP)
+# demo installs the backend this machine trains with (MLX on Apple Silicon, else PyTorch); tests need both
+$(VENV)/.installed-%: pyproject.toml scripts/setup.sh
+	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" $*
+	@touch $@
 
-demo: $(STAMP)
-	$(PY) cli.py train --model tiny --mode full --backend torch --output-dir $(OUTPUT)
+demo: $(VENV)/.installed-demo
+	$(PY) cli.py train --model tiny --mode full --backend auto --output-dir $(OUTPUT)
 
-test: $(STAMP)
+test: $(VENV)/.installed-all
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-all
 	$(PY) bench/time_to_accuracy.py
+	$(PY) bench/backends.py
 
 clean:
 	rm -rf $(OUTPUT) .pytest_cache

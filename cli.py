@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from shared.checkpoints import check_checkpoint
 from shared.config import RunConfig, build_run_config, EvalConfig
 from shared.errors import UserError
 from shared.grpo import LOSS_VARIANTS
@@ -29,14 +30,17 @@ def setup_logging(level: str) -> None:
         pass
 
 
-def make_backend(requested: str, micro_batch_size: int | None = None):
-    from shared.hardware import choose_backend
+def make_backend(requested: str, micro_batch_size: int | None = None, checkpoint: Path | None = None):
+    """The backend asked for; with auto and a LoRA checkpoint, the one whose library wrote it."""
+    from shared.checkpoints import checkpoint_kind
+    from shared.hardware import backend_for_checkpoint
 
-    name = choose_backend(requested)
+    name = backend_for_checkpoint(requested, checkpoint_kind(checkpoint) if checkpoint else "full")
     if name == "torch":
         from reasoning_torch.backend import TorchBackend
         return TorchBackend(**({"micro_batch_size": micro_batch_size} if micro_batch_size else {}))
-    raise UserError(f"the {name} backend is not built yet; use --backend torch")
+    from reasoning_mlx.backend import MLXBackend
+    return MLXBackend(**({"micro_batch_size": micro_batch_size} if micro_batch_size else {}))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,7 +87,8 @@ def train(**options) -> None:
     """Train: SFT teaches the format, GRPO rewards correct reasoning."""
     setup_logging(options["log_level"])
     config = run_config_from_options(options)
-    backend = make_backend(config.backend, options["micro_batch_size"])
+    backend = make_backend(config.backend, options["micro_batch_size"],
+                           check_checkpoint(Path(config.sft_checkpoint)) if config.mode == "grpo" else None)
     from shared.pipeline import STAGE_LABELS, run_training
     from shared.evaluation import results_table
 
@@ -118,11 +123,10 @@ def run_config_from_options(options: dict) -> RunConfig:
 
 
 def load_for_inference(checkpoint: Path, backend_name: str):
-    from shared.checkpoints import check_checkpoint
     from shared.config import ModelConfig
 
-    backend = make_backend(backend_name)
-    backend.load(check_checkpoint(checkpoint), ModelConfig(name=str(checkpoint)), trainable=False)
+    backend = make_backend(backend_name, checkpoint=check_checkpoint(checkpoint))
+    backend.load(checkpoint, ModelConfig(name=str(checkpoint)), trainable=False)
     return backend
 
 

@@ -10,6 +10,7 @@ import torch
 
 from shared.backend import GRPOBatch, TokenBatch
 from shared.config import GRPOConfig, ModelConfig
+from shared.grpo import policy_drift
 from shared.prompts import stop_token_ids
 from reasoning_torch.generate import generate
 from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
@@ -94,27 +95,21 @@ class TorchBackend:
         tokens = batch.tokens
         totals = {"total_sequences": len(tokens), "total_tokens": int(tokens.completion_mask.sum()),
                   "max_completion_tokens": settings.max_new_tokens}
-        stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        loss, new_parts = 0.0, []
         for start in range(0, len(tokens), self.micro_batch_size):
             rows = slice(start, start + self.micro_batch_size)
             tensors = to_tensors(tokens.rows(rows), self.device)
-            mask = tensors["completion_mask"]
             with self.autocast():
                 new = token_logprobs(self.model, tensors, settings.temperature)
             old = new.detach() if batch.old_logprobs is None else torch.from_numpy(batch.old_logprobs[rows]).to(new)
             ref = None if batch.ref_logprobs is None else torch.from_numpy(batch.ref_logprobs[rows]).to(new)
             advantages = torch.from_numpy(batch.advantages[rows]).to(new)
-            loss = grpo_loss(new, old, advantages, mask, settings, ref, **totals)
-            loss.backward()
-            with torch.no_grad():
-                ratio = torch.exp(new - old)
-                clipped = ((ratio - 1).abs() > settings.epsilon) & mask.bool()
-                stats["loss"] += float(loss)
-                stats["clip_fraction"] += float(clipped.sum()) / max(totals["total_tokens"], 1)
-                if ref is not None:
-                    delta = ref - new
-                    kl = (torch.exp(delta) - delta - 1) * mask
-                    stats["kl"] += float(kl.sum()) / max(totals["total_tokens"], 1)
+            part = grpo_loss(new, old, advantages, tensors["completion_mask"], settings, ref, **totals)
+            part.backward()
+            loss += float(part.detach())
+            new_parts.append(new.detach().float().cpu().numpy())
+        stats = {"loss": loss, **policy_drift(np.concatenate(new_parts), batch.old_logprobs, batch.ref_logprobs,
+                                              tokens.completion_mask, settings.epsilon)}
         stats["grad_norm"] = self.optimizer_step(lr, settings.max_grad_norm, settings.weight_decay)
         return stats
 

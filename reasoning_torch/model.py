@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
+from shared.checkpoints import adapter_base, checkpoint_kind, rope_fields_for_older_readers
 from shared.config import ModelConfig
 from shared.errors import UserError
-from shared.prompts import ensure_chat_template, stop_token_ids
+from shared.prompts import load_tokenizer, stop_token_ids
 
 
 def pick_device() -> torch.device:
@@ -27,24 +28,16 @@ def pick_dtype(device: torch.device, finetune: str) -> torch.dtype:
     return torch.float32
 
 
-def is_adapter_folder(path: Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return ensure_chat_template(tokenizer)
-
-
 def load_model(path: str | Path, config: ModelConfig, device: torch.device, trainable: bool):
     """(model, tokenizer) from a full folder, a hub id, or a PEFT adapter folder naming its base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     path = Path(path) if Path(path).exists() else path
-    adapter = isinstance(path, Path) and is_adapter_folder(path)
-    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else path
+    kind = checkpoint_kind(path) if isinstance(path, Path) else "full"
+    if kind == "mlx_lora":
+        raise UserError(f"{path} is an mlx-lm LoRA adapter; run it with --backend mlx")
+    adapter = kind == "peft"
+    base = adapter_base(path) if adapter else path
     dtype = pick_dtype(device, "lora" if adapter else config.finetune)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -67,6 +60,10 @@ def load_model(path: str | Path, config: ModelConfig, device: torch.device, trai
 def save_model(model, tokenizer, folder: Path) -> None:
     """A folder plain transformers (or peft, for LoRA) loads: safetensors, tokenizer, chat template."""
     model.save_pretrained(str(folder), safe_serialization=True)
+    config_file = Path(folder) / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, **rope_fields_for_older_readers(config)}, indent=2))
     tokenizer.save_pretrained(str(folder))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     generation = GenerationConfig.from_model_config(base.config)

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-BETAS = (0.9, 0.98)
+from shared.checkpoints import OPTIMIZER_FILE
+from shared.config import ADAM_BETAS
 
 
 def make_optimizer(model, lr: float, weight_decay: float, saved: dict[str, torch.Tensor]) -> torch.optim.AdamW:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=BETAS, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay)
     if saved and all(f"{name}.exp_avg" in saved for name, _ in named):
         for name, param in named:
             optimizer.state[param] = {

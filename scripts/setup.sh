@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install the project with its PyTorch backend.
-# Uses uv when present, else venv + pip. On Linux without an NVIDIA GPU, torch is pinned to the
-# CPU build (2.13.0) so no multi-GB CUDA wheel is ever pulled.
+# Create the virtual environment and install the project.
+#   scripts/setup.sh PYTHON VENV demo   the backend this machine trains with: MLX on Apple Silicon, else PyTorch
+#   scripts/setup.sh PYTHON VENV all    both backends (the tests compare them)
+# Uses uv when present, else venv + pip. On Linux without an NVIDIA GPU, torch is pinned to the CPU
+# build (2.13.0) so no multi-GB CUDA wheel is ever pulled; with MLX on Linux, OpenBLAS is installed
+# through apt where we are root (mlx[cpu] alone bundles a 30x slower reference BLAS).
 set -euo pipefail
 python=${1:-python3}
 venv=${2:-.venv}
+what=${3:-all}
 
 if command -v uv >/dev/null 2>&1; then
     [ -x "$venv/bin/python" ] || uv venv --python "$python" "$venv"
@@ -15,8 +19,26 @@ else
     install() { "$venv/bin/python" -m pip install --quiet "$@"; }
 fi
 
-if [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+apple_silicon=false
+[ "$(uname -s)-$(uname -m)" = "Darwin-arm64" ] && apple_silicon=true
+if [ "$what" = "demo" ]; then
+    if $apple_silicon; then backends="mlx"; else backends="torch"; fi
+else
+    backends="torch,mlx"
+fi
+
+if [[ "$backends" == *torch* ]] && [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     install "torch==2.13.0"
 fi
-install -e ".[torch,plots,dev]"
-echo "installed into $venv"
+if [[ "$backends" == *mlx* ]] && [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing OpenBLAS for mlx (apt-get install libopenblas0-pthread)"
+        apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1; } \
+            || echo "warning: could not install OpenBLAS; mlx will use its slow reference BLAS" >&2
+    else
+        echo "note: for fast mlx on Linux run: sudo apt-get install libopenblas0-pthread" >&2
+    fi
+fi
+install -e ".[$backends,plots,dev]"
+echo "installed $backends into $venv"

@@ -61,6 +61,23 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return ids, mask
 
 
+def leading_padding(attention_mask: np.ndarray) -> np.ndarray:
+    """(B,) count of pad tokens before each row's first real token."""
+    return (np.cumsum(attention_mask, axis=1) == 0).sum(axis=1)
+
+
+def roll_rows(array: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Row b rolled left by shifts[b] (right when negative).
+
+    Rolling a packed batch left by its leading padding right-pads every row: a model without an
+    attention mask (mlx-lm's) then reads each row from position 0 with plain causal attention,
+    which is the same computation as left padding with a mask. Rolling back restores the layout.
+    """
+    columns = np.arange(array.shape[1])
+    index = (columns[None, :] + np.asarray(shifts)[:, None]) % array.shape[1]
+    return np.take_along_axis(array, index, axis=1)
+
+
 def trim_completion(tokens: list[int], stop_ids: set[int]) -> list[int]:
     """Cut a sampled row after its first stop token (kept: the policy must learn to stop)."""
     for index, token in enumerate(tokens):

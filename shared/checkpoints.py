@@ -11,6 +11,10 @@ from pathlib import Path
 from shared.errors import UserError
 
 RUN_CONFIG_FILE = "run_config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+MLX_ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW moments, `{parameter}.exp_avg[_sq]` and `step`
 
 
 @contextmanager
@@ -55,13 +59,44 @@ def check_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} does not exist (train one with: python cli.py train)")
     weights = list(path.glob("*.safetensors"))
-    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-        raise UserError(f"{path} is not a model folder: no config.json or adapter_config.json")
+    if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG_FILE).exists():
+        raise UserError(f"{path} is not a model folder: no config.json or {ADAPTER_CONFIG_FILE}")
     if not weights:
         raise UserError(f"{path} holds no .safetensors weights")
     for file in weights:
         check_safetensors(file)
     return path
+
+
+def rope_fields_for_older_readers(config: dict) -> dict:
+    """transformers 5 writes rope_theta only inside rope_parameters; mlx-lm reads the top-level field
+    and silently falls back to its own default (1e6) without it."""
+    rope = config.get("rope_parameters")
+    if "rope_theta" in config or not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    fields = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = rope
+    return fields
+
+
+def checkpoint_kind(path: Path) -> str:
+    """'full' (a Hugging Face model folder), 'peft' (a PEFT LoRA adapter) or 'mlx_lora' (mlx-lm's)."""
+    path = Path(path)
+    if (path / MLX_ADAPTER_WEIGHTS_FILE).exists():
+        return "mlx_lora"
+    if (path / ADAPTER_CONFIG_FILE).exists():
+        return "peft"
+    return "full"
+
+
+def adapter_base(path: Path) -> str:
+    """The base model an adapter folder was trained on, as its own library records it."""
+    config = json.loads((Path(path) / ADAPTER_CONFIG_FILE).read_text())
+    key = "model" if checkpoint_kind(path) == "mlx_lora" else "base_model_name_or_path"
+    if not config.get(key):
+        raise UserError(f"{path}/{ADAPTER_CONFIG_FILE} does not name its base model ({key!r})")
+    return config[key]
 
 
 def check_safetensors(file: Path) -> None:

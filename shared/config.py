@@ -10,6 +10,9 @@ from shared.grpo import LOSS_VARIANTS
 from shared.rewards import RewardWeights
 
 
+ADAM_BETAS = (0.9, 0.98)
+
+
 def option(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help}, **kwargs)
 

@@ -50,3 +50,14 @@ def grpo_loss(new_logprobs: np.ndarray, old_logprobs: np.ndarray, advantages: np
     if beta:
         per_token = per_token + beta * per_token_kl(new_logprobs, ref_logprobs)
     return aggregate(per_token, mask, variant, max_completion_tokens)
+
+
+def policy_drift(new_logprobs: np.ndarray, old_logprobs: np.ndarray | None, ref_logprobs: np.ndarray | None,
+                 mask: np.ndarray, epsilon: float) -> dict[str, float]:
+    """Per completion token: the fraction whose ratio to the sampling policy is clipped, and the k3
+    KL to the reference (0 where there is no old or reference policy)."""
+    tokens = max(float(mask.sum()), 1.0)
+    clipped = 0.0 if old_logprobs is None else float(
+        ((np.abs(np.exp(new_logprobs - old_logprobs) - 1) > epsilon) * mask).sum())
+    kl = 0.0 if ref_logprobs is None else float((per_token_kl(new_logprobs, ref_logprobs) * mask).sum())
+    return {"clip_fraction": clipped / tokens, "kl": kl / tokens}

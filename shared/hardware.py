@@ -11,7 +11,6 @@ INSTALL_HINTS = {
     "mlx": "pip install -e '.[mlx]'  (Linux: pip install 'mlx[cpu]' mlx-lm)",
 }
 REQUIRED_MODULES = {"torch": ("torch", "transformers", "peft"), "mlx": ("mlx", "mlx_lm")}
-BUILT_BACKENDS = ("torch",)
 
 
 def is_installed(backend: str) -> bool:
@@ -23,16 +22,21 @@ def is_apple_silicon() -> bool:
 
 
 def choose_backend(requested: str) -> str:
-    """auto: MLX on Apple Silicon, PyTorch on NVIDIA, otherwise PyTorch (the faster one on CPU)."""
+    """auto: MLX on Apple Silicon, else PyTorch (CUDA; and on a CPU, where bench/ measures it faster)."""
     if requested == "auto":
         candidates = ["mlx", "torch"] if is_apple_silicon() else ["torch", "mlx"]
-        candidates = [name for name in candidates if name in BUILT_BACKENDS]
         for name in candidates:
             if is_installed(name):
                 return name
-        raise UserError(f"no backend is installed; install one: {INSTALL_HINTS['torch']}")
-    if requested not in BUILT_BACKENDS:
-        raise UserError(f"the {requested} backend is not built yet; use --backend torch")
+        raise UserError(f"no backend is installed; install one: {INSTALL_HINTS[candidates[0]]}")
     if not is_installed(requested):
         raise UserError(f"the {requested} backend needs packages that are missing: {INSTALL_HINTS[requested]}")
     return requested
+
+
+ADAPTER_BACKENDS = {"peft": "torch", "mlx_lora": "mlx"}  # the library that reads each adapter layout
+
+
+def backend_for_checkpoint(requested: str, kind: str) -> str:
+    """auto on a LoRA adapter: the backend whose library wrote it; full folders load in either."""
+    return choose_backend(ADAPTER_BACKENDS.get(kind, "auto") if requested == "auto" else requested)

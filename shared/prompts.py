@@ -16,6 +16,16 @@ def ensure_chat_template(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The Hugging Face tokenizer both backends use (mlx-lm wraps the same one), with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ensure_chat_template(tokenizer)
+
+
 def end_of_turn_id(tokenizer: Any) -> int:
     """The token that closes the assistant's turn: <|im_end|> where the vocabulary has it."""
     token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)

@@ -150,3 +150,53 @@ def test_unreachable_hub_model_says_so_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: could not load model 'no-such-org/no-such-model'")
     assert "--model tiny" in lines[-1] and "Traceback" not in result.stderr
+
+
+MLX_LORA_BUDGET = [a if a != "torch" else "mlx" for a in TINY_BUDGET] + ["--finetune", "lora", "--lora-rank", "4"]
+
+
+@pytest.fixture(scope="module")
+def mlx_lora_run(tmp_path_factory, cache_env):
+    output = tmp_path_factory.mktemp("mlx_run")
+    result = run_cli("train", "--mode", "full", *MLX_LORA_BUDGET, "--output-dir", output, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_mlx_lora_run_writes_mlx_lm_adapters(mlx_lora_run):
+    for stage in ("sft_final", "reasoning_final"):
+        files = {p.name for p in (mlx_lora_run / stage).iterdir()}
+        assert {"adapters.safetensors", "adapter_config.json", "run_config.json", "tokenizer.json"} <= files
+    assert json.loads((mlx_lora_run / "run_config.json").read_text())["backend"] == "mlx"
+
+
+def test_auto_backend_follows_the_adapter_format(mlx_lora_run, cache_env):
+    folder = mlx_lora_run / "reasoning_final"
+    result = run_cli("eval", "--checkpoint", folder, "--num-samples", "3", env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]  # auto chose mlx: torch cannot read this layout
+    wrong = run_cli("infer", "--checkpoint", folder, "--backend", "torch", env_extra=cache_env)
+    assert wrong.returncode == 1 and wrong.stderr.strip().splitlines()[-1].endswith("run it with --backend mlx")
+
+
+def test_mlx_grpo_from_an_mlx_lora_checkpoint(mlx_lora_run, cache_env, tmp_path):
+    result = run_cli("train", "--mode", "grpo", *MLX_LORA_BUDGET, "--sft-checkpoint", mlx_lora_run / "sft_final",
+                     "--output-dir", tmp_path, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "reasoning_final" / "adapters.safetensors").exists()
+
+
+def test_mlx_runs_a_pytorch_full_checkpoint(trained_run, cache_env):
+    folder = trained_run[0] / "reasoning_final"
+    torch_answers = run_cli("infer", "--checkpoint", folder, "--backend", "torch", env_extra=cache_env)
+    mlx_answers = run_cli("infer", "--checkpoint", folder, "--backend", "mlx", env_extra=cache_env)
+    assert mlx_answers.returncode == 0, mlx_answers.stderr[-2000:]
+    assert mlx_answers.stdout == torch_answers.stdout  # greedy: the same text from the same weights
+
+
+def test_unreachable_hub_model_on_mlx_says_so_in_one_line(tmp_path):
+    result = run_cli("train", "--model", "no-such-org/no-such-model", "--backend", "mlx", "--output-dir", tmp_path,
+                     env_extra={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: could not load model 'no-such-org/no-such-model'")
+    assert "Traceback" not in result.stderr
