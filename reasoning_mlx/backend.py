@@ -4,7 +4,6 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import reasoning_mlx  # noqa: F401  (binds mlx to a fast BLAS on Linux before mlx loads)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim

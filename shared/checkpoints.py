@@ -12,7 +12,6 @@ from shared.errors import UserError
 
 RUN_CONFIG_FILE = "run_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 MLX_ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW moments, `{parameter}.exp_avg[_sq]` and `step`
 

@@ -200,3 +200,15 @@ def test_unreachable_hub_model_on_mlx_says_so_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: could not load model 'no-such-org/no-such-model'")
     assert "Traceback" not in result.stderr
+
+
+def test_missing_backend_packages_name_the_install_command(tmp_path):
+    """With mlx unimportable (as on a machine without it), --backend mlx says how to install it."""
+    code = ("import sys; sys.modules['mlx'] = None; import cli; "
+            f"sys.argv = ['cli.py', 'train', '--backend', 'mlx', '--model', 'tiny', '--output-dir', {str(tmp_path)!r}]; "
+            "sys.exit(cli.main())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: the mlx backend needs packages that are missing: "
+        "pip install -e '.[mlx]'  (Linux: pip install 'mlx[cpu]' mlx-lm)"]
