@@ -31,11 +31,11 @@ def setup_logging(level: str) -> None:
 
 
 def make_backend(requested: str, micro_batch_size: int | None = None, checkpoint: Path | None = None):
-    """The backend asked for; with auto and a LoRA checkpoint, the one whose library wrote it."""
-    from shared.checkpoints import checkpoint_kind
+    """The backend asked for; with auto and a LoRA or quantized checkpoint, the one whose library wrote it."""
+    from shared.conversion import detect_layout
     from shared.hardware import backend_for_checkpoint
 
-    name = backend_for_checkpoint(requested, checkpoint_kind(checkpoint) if checkpoint else "full")
+    name = backend_for_checkpoint(requested, detect_layout(checkpoint) if checkpoint else "full")
     if name == "torch":
         from reasoning_torch.backend import TorchBackend
         return TorchBackend(**({"micro_batch_size": micro_batch_size} if micro_batch_size else {}))
@@ -123,10 +123,13 @@ def run_config_from_options(options: dict) -> RunConfig:
 
 
 def load_for_inference(checkpoint: Path, backend_name: str):
+    """Either backend runs either library's checkpoint: the other's layout is converted in a temporary folder."""
     from shared.config import ModelConfig
+    from shared.conversion import native_layout
 
     backend = make_backend(backend_name, checkpoint=check_checkpoint(checkpoint))
-    backend.load(checkpoint, ModelConfig(name=str(checkpoint)), trainable=False)
+    with native_layout(checkpoint, backend.name) as folder:
+        backend.load(folder, ModelConfig(name=str(checkpoint)), trainable=False)
     return backend
 
 
@@ -214,6 +217,33 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, seed: int, js
     click.echo(results_table({str(checkpoint): result}))
     if json_path:
         json_path.write_text(json.dumps({**result.summary(), "samples": result.samples}, indent=2))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--to", "target", type=click.Choice(["torch", "mlx"]), required=True,
+              help="torch: transformers / PEFT layout; mlx: mlx-lm layout")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="a new folder")
+@click.option("--from", "source", type=click.Choice(["torch", "mlx"]),
+              help="the library that wrote CHECKPOINT, where its layout does not tell (a full model folder)")
+@click.option("--merge", is_flag=True, help="fuse a LoRA adapter into the base: a full model folder")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the weights")
+@click.option("--base", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="an adapter's base model, where it is not at the path the adapter names")
+def convert(checkpoint: Path, target: str, output: Path, source: str | None, merge: bool, dtype: str | None,
+            base: Path | None) -> None:
+    """Convert a checkpoint to the other backend's native layout (full weights or LoRA adapter)."""
+    from shared.checkpoints import atomic_folder
+    from shared.conversion import ConversionRequest, convert_checkpoint
+
+    if output.exists():
+        raise UserError(f"{output} already exists; choose a new --output folder")
+    request = ConversionRequest(check_checkpoint(checkpoint), target, merge, dtype, base, source)
+    with atomic_folder(output) as staging:
+        manifest = convert_checkpoint(request, staging)
+    origin = manifest["converted_from"]
+    click.echo(f"{checkpoint} ({origin['layout']}, {origin['backend']}) -> {output} "
+               f"({manifest['layout']}, {target}); manifest.json records hashes and versions")
 
 
 def main() -> int:

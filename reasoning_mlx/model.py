@@ -10,8 +10,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load as mlx_load, save_config, save_model as save_weights
 
-from shared.checkpoints import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, adapter_base, checkpoint_kind,
+from shared.checkpoints import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, checkpoint_kind,
                                 rope_fields_for_older_readers)
+from shared.conversion import checked_adapter_base
 from shared.config import ModelConfig
 from shared.errors import UserError
 from shared.prompts import load_tokenizer, stop_token_ids
@@ -43,8 +44,9 @@ def load_model(path: str | Path, config: ModelConfig, trainable: bool) -> Loaded
     path = Path(path) if Path(path).exists() else path
     kind = checkpoint_kind(path) if isinstance(path, Path) else "full"
     if kind == "peft":
-        raise UserError(f"{path} is a PEFT (PyTorch) LoRA adapter; run it with --backend torch")
-    base = adapter_base(path) if kind == "mlx_lora" else str(path)
+        raise UserError(f"{path} is a PEFT (PyTorch) LoRA adapter: use --backend torch, "
+                        f"or python cli.py convert {path} --to mlx")
+    base = checked_adapter_base(path) if kind == "mlx_lora" else str(path)
     base_config = Path(base) / "config.json"
     overrides = rope_fields_for_older_readers(json.loads(base_config.read_text())) if base_config.exists() else {}
     try:

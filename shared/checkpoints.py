@@ -46,9 +46,12 @@ def make_readable(folder: Path) -> None:
 
 
 def save_checkpoint(backend, target: Path, run_config_json: str) -> Path:
+    from shared.conversion import write_manifest  # it reads checkpoints with this module's helpers
+
     with atomic_folder(target) as staging:
         backend.save(staging)
         (staging / RUN_CONFIG_FILE).write_text(run_config_json)
+        write_manifest(staging, backend.name)
     return Path(target)
 
 

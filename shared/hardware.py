@@ -34,9 +34,9 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-ADAPTER_BACKENDS = {"peft": "torch", "mlx_lora": "mlx"}  # the library that reads each adapter layout
+NATIVE_BACKENDS = {"peft": "torch", "mlx_lora": "mlx", "mlx_quantized": "mlx"}  # the library that reads a layout
 
 
-def backend_for_checkpoint(requested: str, kind: str) -> str:
-    """auto on a LoRA adapter: the backend whose library wrote it; full folders load in either."""
-    return choose_backend(ADAPTER_BACKENDS.get(kind, "auto") if requested == "auto" else requested)
+def backend_for_checkpoint(requested: str, layout: str) -> str:
+    """auto on an adapter or a quantized model: the backend whose library wrote it; full folders load in either."""
+    return choose_backend(NATIVE_BACKENDS.get(layout, "auto") if requested == "auto" else requested)
