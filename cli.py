@@ -76,6 +76,8 @@ def cli() -> None:
 @click.option("--lora-alpha", type=POSITIVE_FLOAT, help="[32]")
 @click.option("--eval-samples", type=POSITIVE_INT, help="held-out problems per evaluation [preset]")
 @click.option("--eval-every", type=click.IntRange(min=0), help="also evaluate every N steps of each phase [0: off]")
+@click.option("--ood-samples", type=click.IntRange(min=0),
+              help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]")
 @click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output"), show_default=True)
 @click.option("--wandb-project", help="log to this Weights & Biases project")
@@ -94,9 +96,12 @@ def train(**options) -> None:
 
     logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
                 config.output_dir)
-    results = run_training(config, backend)
+    results, out_of_distribution = run_training(config, backend)
     click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
-    click.echo(f"checkpoints, metrics.jsonl and eval.json are in {config.output_dir}")
+    if out_of_distribution:
+        click.echo("\nout of distribution:\n" + results_table(
+            {name.replace("_", " "): result for name, result in out_of_distribution.items()}, first_column="problem set"))
+    click.echo(f"checkpoints, metrics.jsonl, eval.json and report.md (with plots/) are in {config.output_dir}")
 
 
 def run_config_from_options(options: dict) -> RunConfig:
@@ -111,7 +116,8 @@ def run_config_from_options(options: dict) -> RunConfig:
                  "prompts_per_step": options["prompts_per_step"], "temperature": options["temperature"],
                  "loss_variant": options["loss_variant"], "beta": options["beta"],
                  "epsilon": options["epsilon"], "updates_per_batch": options["updates_per_batch"]},
-        "eval": {"num_problems": options["eval_samples"], "every_steps": options["eval_every"]},
+        "eval": {"num_problems": options["eval_samples"], "every_steps": options["eval_every"],
+                 "ood_problems": options["ood_samples"]},
     }
     explicit = {section: {k: v for k, v in values.items() if v is not None} for section, values in sections.items()}
     return build_run_config(explicit, {
@@ -201,22 +207,36 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 @cli.command("eval")
 @CHECKPOINT
 @BACKEND
-@click.option("--num-samples", type=POSITIVE_INT, default=200, show_default=True, help="held-out problems")
+@click.option("--num-samples", type=POSITIVE_INT, default=200, show_default=True,
+              help="held-out problems of the training shape")
+@click.option("--ood-samples", type=click.IntRange(min=0), default=200, show_default=True,
+              help="problems per out-of-distribution set: 2 operands, 4 operands, 3-digit operands (0: skip)")
+@click.option("--samples-per-problem", type=POSITIVE_INT, default=1, show_default=True,
+              help="k > 1 also reports pass@k: k sampled completions per problem")
+@click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True, help="for pass@k sampling")
+@click.option("--max-new-tokens", type=POSITIVE_INT, default=256, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
-def eval_command(checkpoint: Path, backend: str, num_samples: int, seed: int, json_path: Path | None,
-                 log_level: str) -> None:
-    """Score a checkpoint on held-out problems (greedy)."""
+def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: int, samples_per_problem: int,
+                 temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, log_level: str) -> None:
+    """Score a checkpoint on held-out problems, in and out of distribution (greedy; pass@k sampled)."""
     from shared.data import generate_problems
-    from shared.evaluation import evaluate, results_table
+    from shared.evaluation import evaluate, out_of_distribution_sets, results_table
 
     setup_logging(log_level)
     model = load_for_inference(checkpoint, backend)
-    result = evaluate(model, generate_problems(num_samples, seed, held_out=True), EvalConfig(num_problems=num_samples))
-    click.echo(results_table({str(checkpoint): result}))
+    settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
+                          samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
+    sets = {"in distribution": generate_problems(num_samples, seed, held_out=True)}
+    if ood_samples:
+        sets.update({name.replace("_", " "): problems
+                     for name, problems in out_of_distribution_sets(ood_samples, seed).items()})
+    results = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
+    click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
     if json_path:
-        json_path.write_text(json.dumps({**result.summary(), "samples": result.samples}, indent=2))
+        json_path.write_text(json.dumps({name.replace(" ", "_"): {**r.summary(), "samples": r.samples}
+                                         for name, r in results.items()}, indent=2))
 
 
 @cli.command()

@@ -23,8 +23,10 @@ apple_silicon=false
 [ "$(uname -s)-$(uname -m)" = "Darwin-arm64" ] && apple_silicon=true
 if [ "$what" = "demo" ]; then
     if $apple_silicon; then backends="mlx"; else backends="torch"; fi
+    extras="plots"
 else
     backends="torch,mlx"
+    extras="plots,dev,wandb"  # the tests run W&B in offline mode
 fi
 
 if [[ "$backends" == *torch* ]] && [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
@@ -40,5 +42,5 @@ if [[ "$backends" == *mlx* ]] && [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-
         echo "note: for fast mlx on Linux run: sudo apt-get install libopenblas0-pthread" >&2
     fi
 fi
-install -e ".[$backends,plots,dev]"
+install -e ".[$backends,$extras]"
 echo "installed $backends into $venv"

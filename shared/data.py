@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
 HELD_OUT_EVERY = 20  # one problem in 20 is held out for evaluation, for every run and seed
+# Problem shapes for evaluation: training uses the first; the others test generalisation.
+EVAL_SETS = {
+    "in_distribution": {"num_operands": 3, "low": 1, "high": 99},
+    "two_operands": {"num_operands": 2, "low": 1, "high": 99},
+    "four_operands": {"num_operands": 4, "low": 1, "high": 99},
+    "three_digit": {"num_operands": 3, "low": 100, "high": 999},
+}
 
 
 @dataclass(frozen=True)

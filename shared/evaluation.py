@@ -1,4 +1,5 @@
-"""Greedy evaluation on held-out problems: accuracy, format, step validity, length."""
+"""Evaluation on held-out problems, in and out of distribution: accuracy, format, step validity,
+verification, the reward breakdown, completion length, and pass@k with sampling."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -7,10 +8,10 @@ import numpy as np
 
 from shared.backend import Backend
 from shared.config import EvalConfig
-from shared.data import Problem
+from shared.data import EVAL_SETS, Problem, generate_problems
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts
-from shared.rewards import reward_components
+from shared.rewards import RewardWeights, combined_reward, reward_components
 
 
 @dataclass
@@ -21,6 +22,10 @@ class EvalResult:
     step_validity: float
     verification: float
     mean_completion_tokens: float
+    reward: float = 0.0
+    reward_components: dict[str, float] = field(default_factory=dict)
+    pass_at_k: float | None = None
+    k: int | None = None
     samples: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -37,6 +42,7 @@ def score_completions(problems: list[Problem], completions: list[str], lengths: 
 
     samples = [{"prompt": p.prompt, "completion": c, "correct": bool(s["correctness"])}
                for p, c, s in list(zip(problems, completions, components))[:keep_samples]]
+    weights = RewardWeights()
     return EvalResult(
         num_problems=len(problems),
         accuracy=mean("correctness"),
@@ -44,29 +50,61 @@ def score_completions(problems: list[Problem], completions: list[str], lengths: 
         step_validity=mean("step_validity"),
         verification=mean("verification"),
         mean_completion_tokens=float(np.mean(lengths)) if lengths else 0.0,
+        reward=float(np.mean([combined_reward(c, weights) for c in components])) if components else 0.0,
+        reward_components={name: mean(name) for name in (components[0] if components else {})},
         samples=samples,
     )
 
 
-def evaluate(backend: Backend, problems: list[Problem], config: EvalConfig, label: str = "eval") -> EvalResult:
+def pass_at_k(problems: list[Problem], completions: list[list[str]]) -> float:
+    """Fraction of problems with at least one correct answer among their k samples (n = k, so exact)."""
+    solved = [any(reward_components(text, p)["correctness"] for text in texts) for p, texts in zip(problems, completions)]
+    return float(np.mean(solved)) if solved else 0.0
+
+
+def complete(backend: Backend, problems: list[Problem], config: EvalConfig, label: str, temperature: float = 0.0,
+             seed: int | None = None) -> tuple[list[str], list[int]]:
+    """One completion per problem, in batches: texts and token counts."""
     tokenizer = backend.tokenizer
     completions, lengths = [], []
     with progress_bar(len(problems), label, unit="problem") as bar:
         for start in range(0, len(problems), config.batch_size):
             chunk = problems[start:start + config.batch_size]
-            rows = backend.generate(encode_prompts(tokenizer, chunk), config.max_new_tokens, 0.0)
+            rows = backend.generate(encode_prompts(tokenizer, chunk), config.max_new_tokens, temperature,
+                                    seed=None if seed is None else seed + start)
             completions += [decode_completion(tokenizer, row) for row in rows]
             lengths += [len(row) for row in rows]
             bar.update(len(chunk))
-    return score_completions(problems, completions, lengths)
+    return completions, lengths
 
 
-def results_table(results: dict[str, EvalResult]) -> str:
-    """Markdown table of the stages evaluated, e.g. before SFT / after SFT / after GRPO."""
-    lines = ["| stage | accuracy | format | step validity | verification | mean tokens |",
-             "|---|---|---|---|---|---|"]
+def evaluate(backend: Backend, problems: list[Problem], config: EvalConfig, label: str = "eval") -> EvalResult:
+    """Greedy metrics; with config.samples_per_problem = k > 1, also pass@k at config.temperature."""
+    result = score_completions(problems, *complete(backend, problems, config, label))
+    k = config.samples_per_problem
+    if k > 1:
+        repeated = [p for p in problems for _ in range(k)]
+        texts, _ = complete(backend, repeated, config, f"{label} pass@{k}", config.temperature, seed=config.seed)
+        result.pass_at_k, result.k = pass_at_k(problems, [texts[i * k:(i + 1) * k] for i in range(len(problems))]), k
+    return result
+
+
+def out_of_distribution_sets(count: int, seed: int) -> dict[str, list[Problem]]:
+    """Held-out problems of each out-of-distribution shape (2 or 4 operands, 3-digit operands)."""
+    return {name: generate_problems(count, seed, held_out=True, **shape)
+            for name, shape in EVAL_SETS.items() if name != "in_distribution"}
+
+
+def results_table(results: dict[str, EvalResult], first_column: str = "stage") -> str:
+    """Markdown table, a row per stage (before SFT / after SFT / after GRPO) or per problem set."""
+    with_pass = any(r.pass_at_k is not None for r in results.values())
+    header = f"| {first_column} | accuracy | format | step validity | verification | reward | mean tokens |"
+    lines = [header + (" pass@k |" if with_pass else ""), "|---" * (8 if with_pass else 7) + "|"]
     for stage, result in results.items():
-        lines.append(f"| {stage} | {result.accuracy:.1%} | {result.format_compliance:.1%} | "
-                     f"{result.step_validity:.1%} | {result.verification:.1%} | "
-                     f"{result.mean_completion_tokens:.0f} |")
+        line = (f"| {stage} | {result.accuracy:.1%} | {result.format_compliance:.1%} | "
+                f"{result.step_validity:.1%} | {result.verification:.1%} | {result.reward:.2f} | "
+                f"{result.mean_completion_tokens:.0f} |")
+        if with_pass:
+            line += f" {result.pass_at_k:.1%} (k={result.k}) |" if result.pass_at_k is not None else " |"
+        lines.append(line)
     return "\n".join(lines)

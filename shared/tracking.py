@@ -6,12 +6,16 @@ import logging
 from pathlib import Path
 
 logger = logging.getLogger("local_reasoning")
+SAMPLE_COLUMNS = ("prompt", "completion", "correct")
 
 
 class MetricsLog:
+    """Appends to metrics.jsonl; keeps this run's records for the report; mirrors to W&B (offline too)."""
+
     def __init__(self, path: Path, wandb_project: str | None = None, run_config: dict | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", buffering=1)
+        self.records: list[dict] = []
         self.wandb = None
         if wandb_project:
             try:
@@ -23,11 +27,32 @@ class MetricsLog:
 
     def __call__(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
+        self.records.append(record)
         if self.wandb is not None:
             phase = record.get("phase", "run")
-            self.wandb.log({f"{phase}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+            stage = f"/{record['stage']}" if "stage" in record else ""
+            self.wandb.log({f"{phase}{stage}/{k}": v for k, v in flatten(record).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def samples(self, name: str, samples: list[dict]) -> None:
+        """Sample completions as a W&B Table (metrics.jsonl and eval.json hold them already)."""
+        if self.wandb is not None and samples:
+            import wandb
+            table = wandb.Table(columns=list(SAMPLE_COLUMNS), data=[[s[c] for c in SAMPLE_COLUMNS] for s in samples])
+            self.wandb.log({f"samples/{name}": table})
 
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def flatten(record: dict, prefix: str = "") -> dict:
+    """{'reward_components': {'format': 1.0}} -> {'reward_components/format': 1.0}."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

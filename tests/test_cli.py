@@ -24,7 +24,7 @@ def cache_env(tmp_path_factory):
 
 TINY_BUDGET = ["--model", "tiny", "--backend", "torch", "--num-samples", "96", "--sft-batch-size", "32",
                "--sft-lr", "3e-3", "--grpo-samples", "4", "--prompts-per-step", "2", "--group-size", "2",
-               "--eval-samples", "8"]
+               "--eval-samples", "8", "--ood-samples", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,16 @@ def test_train_full_writes_checkpoints_metrics_and_eval(trained_run):
     assert {"loss", "lr", "tokens_per_s"} <= set(sft_steps[0])
     assert {"reward", "reward_correctness", "reward_step_validity", "loss", "kl"} <= set(grpo_steps[0])
     evaluation = json.loads((output / "eval.json").read_text())
-    assert set(evaluation["stages"]) == {"before_sft", "after_sft", "after_grpo"}
-    assert evaluation["stages"]["after_sft"]["num_problems"] == 8
+    assert {name: r["num_problems"] for name, r in evaluation["out_of_distribution"].items()} == {
+        "two_operands": 4, "four_operands": 4, "three_digit": 4}
+    report = (output / "report.md").read_text()
+    assert "| after GRPO |" in report and "| three digit |" in report and "## Samples after GRPO" in report
+    plots = sorted((output / "plots").glob("*.png"))
+    assert [p.name for p in plots] == ["accuracy.png", "loss.png", "rewards.png"]
+    for plot in plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{plot.name}" in report
+    assert set(evaluation["in_distribution"]) == {"before_sft", "after_sft", "after_grpo"}
+    assert evaluation["in_distribution"]["after_sft"]["num_problems"] == 8
 
 
 def test_checkpoint_round_trips_through_plain_transformers(trained_run):
@@ -81,9 +89,18 @@ def test_checkpoint_round_trips_through_plain_transformers(trained_run):
 def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
     folder = trained_run[0] / "reasoning_final"
     report = tmp_path / "eval.json"
-    result = run_cli("eval", "--checkpoint", folder, "--num-samples", "5", "--json", report, env_extra=cache_env)
+    result = run_cli("eval", "--checkpoint", folder, "--num-samples", "5", "--ood-samples", "3",
+                     "--samples-per-problem", "2", "--json", report, env_extra=cache_env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(report.read_text())["num_problems"] == 5
+    sets = json.loads(report.read_text())
+    assert list(sets) == ["in_distribution", "two_operands", "four_operands", "three_digit"]
+    assert sets["in_distribution"]["num_problems"] == 5 and sets["three_digit"]["num_problems"] == 3
+    assert sets["in_distribution"]["k"] == 2 and 0 <= sets["in_distribution"]["pass_at_k"] <= 1
+    assert set(sets["four_operands"]["reward_components"]) == {"correctness", "format", "steps", "verification",
+                                                               "step_validity"}
+    assert "| three digit |" in result.stdout and "pass@k" in result.stdout
+    operands = [int(n) for n in sets["three_digit"]["samples"][0]["prompt"].removeprefix("Calculate ").split(" + ")]
+    assert len(operands) == 3 and all(100 <= n <= 999 for n in operands)
     demo = run_cli("infer", "--checkpoint", folder, env_extra=cache_env)
     assert demo.returncode == 0 and "Problem: Calculate 23 + 15 + 8" in demo.stdout
     batch = run_cli("infer", "--checkpoint", folder, "--batch", "--num-samples", "3", env_extra=cache_env)
@@ -103,7 +120,7 @@ def test_grpo_mode_from_an_sft_checkpoint(trained_run, cache_env, tmp_path):
     result = run_cli("train", "--mode", "grpo", *TINY_BUDGET, "--sft-checkpoint", trained_run[0] / "sft_final",
                      "--output-dir", tmp_path, env_extra=cache_env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert set(json.loads((tmp_path / "eval.json").read_text())["stages"]) == {"after_sft", "after_grpo"}
+    assert set(json.loads((tmp_path / "eval.json").read_text())["in_distribution"]) == {"after_sft", "after_grpo"}
 
 
 @pytest.mark.parametrize("args, message", [

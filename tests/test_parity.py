@@ -218,7 +218,7 @@ def test_whole_training_run_matches(tmp_path):
     from test_cli import run_cli
 
     budget = ["--model", "tiny", "--num-samples", "2048", "--grpo-samples", "8", "--prompts-per-step", "4",
-              "--group-size", "4", "--eval-samples", "50"]
+              "--group-size", "4", "--eval-samples", "50", "--ood-samples", "4"]
     runs = {}
     for backend in ("torch", "mlx"):
         result = run_cli("train", "--backend", backend, *budget, "--output-dir", tmp_path / backend)

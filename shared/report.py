@@ -1,0 +1,144 @@
+"""The run report written at the end of every `train`: report.md with the results and PNG plots."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from shared.evaluation import EvalResult, results_table
+from shared.rewards import RewardWeights
+
+logger = logging.getLogger("local_reasoning")
+REWARD_WEIGHTS = asdict(RewardWeights())
+REWARD_NAMES = tuple(REWARD_WEIGHTS)
+
+
+def global_steps(records: list[dict]) -> list[int]:
+    """Each record's position on one axis through both phases: SFT steps, then GRPO steps after them."""
+    positions, steps = [], 0
+    for record in records:
+        if record.get("phase") in ("sft", "grpo"):
+            steps += 1
+        positions.append(steps)
+    return positions
+
+
+def moving_average(values: list[float], window: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if len(values) < window or window <= 1:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def write_plots(records: list[dict], folder: Path) -> list[Path]:
+    """loss.png, rewards.png (GRPO), accuracy.png: whichever the records have data for."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install matplotlib); the report has no plots")
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    phases = {phase: [r for r in records if r.get("phase") == phase] for phase in ("sft", "grpo")}
+
+    # GRPO's on-policy loss is ~0 by construction (its gradient is what moves), so only SFT's is drawn
+    if phases["sft"]:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in phases["sft"]]
+        losses = [r["loss"] for r in phases["sft"]]
+        axis.plot(steps, losses, alpha=0.35, label="per step")
+        window = max(1, len(losses) // 50)
+        if window > 1:
+            axis.plot(steps[window - 1:], moving_average(losses, window), label=f"mean of {window} steps")
+        axis.set(title="SFT loss (completion tokens)", xlabel="SFT step", ylabel="cross-entropy per token",
+                 yscale="log")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        written.append(save(figure, folder / "loss.png"))
+
+    if phases["grpo"]:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in phases["grpo"]]
+        window = max(1, len(steps) // 20)
+        styles = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))  # distinct, since components often coincide
+        for name, style in zip(REWARD_NAMES, styles):
+            values = [r.get(f"reward_{name}", np.nan) for r in phases["grpo"]]
+            axis.plot(steps[window - 1:], moving_average(values, window), linestyle=style, linewidth=2, label=name)
+        combined = [r["reward"] / sum(REWARD_WEIGHTS.values()) for r in phases["grpo"]]
+        axis.plot(steps[window - 1:], moving_average(combined, window), color="black", linewidth=1,
+                  label="combined / max")
+        axis.set(title=f"GRPO rewards per component (mean of {window} steps)", xlabel="GRPO step",
+                 ylabel="mean reward of the sampled completions", ylim=(-0.02, 1.02))
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right")
+        written.append(save(figure, folder / "rewards.png"))
+
+    evaluations = [(position, r) for position, r in zip(global_steps(records), records)
+                   if r.get("phase") == "eval" and not str(r.get("stage", "")).startswith("ood_")]
+    if evaluations:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        positions = [p for p, _ in evaluations]
+        for metric, label in (("accuracy", "accuracy"), ("format_compliance", "format")):
+            axis.plot(positions, [100 * r[metric] for _, r in evaluations], marker="o", label=label)
+        if phases["sft"] and phases["grpo"]:
+            axis.axvline(len(phases["sft"]), color="grey", linestyle="--", linewidth=1)
+            axis.text(len(phases["sft"]), 50, " GRPO starts", color="grey")
+        axis.set(title="Held-out accuracy during training (greedy)", xlabel="optimiser step (SFT, then GRPO)",
+                 ylabel="% of held-out problems", ylim=(-2, 102))
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right")
+        written.append(save(figure, folder / "accuracy.png"))
+    return written
+
+
+def save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+    return path
+
+
+def sample_block(result: EvalResult, count: int = 2) -> str:
+    blocks = []
+    for sample in result.samples[:count]:
+        mark = "correct" if sample["correct"] else "wrong"
+        blocks.append(f"**{sample['prompt']}** ({mark})\n\n```\n{sample['completion']}\n```")
+    return "\n\n".join(blocks)
+
+
+def write_report(output: Path, run_config_json: str, records: list[dict], results: dict[str, EvalResult],
+                 out_of_distribution: dict[str, EvalResult], timings: dict[str, float],
+                 stage_labels: dict[str, str]) -> Path:
+    output = Path(output)
+    plots = write_plots(records, output / "plots")
+    config = json.loads(run_config_json)
+    minutes = ", ".join(f"{name.removesuffix('_s').upper()} {seconds / 60:.1f} min" for name, seconds in timings.items())
+    lines = [
+        "# Training report", "",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · model `{config['model']['name']}` · backend "
+        f"`{config['backend']}` · mode `{config['mode']}` · {minutes or 'no training'}", "",
+        f"## Held-out problems ({next(iter(results.values())).num_problems if results else 0}, greedy)", "",
+        results_table({stage_labels[s]: r for s, r in results.items()}), "",
+    ]
+    if out_of_distribution:
+        lines += ["## Out of distribution (after the last phase)", "",
+                  results_table({n.replace("_", " "): r for n, r in out_of_distribution.items()},
+                                first_column="problem set"), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    if results:
+        first, last = next(iter(results)), list(results)[-1]
+        lines += [f"## Samples {stage_labels[first]}", "", sample_block(results[first]), ""]
+        if last != first:
+            lines += [f"## Samples {stage_labels[last]}", "", sample_block(results[last]), ""]
+    lines += ["## Configuration", "", "```json", run_config_json, "```", ""]
+    path = output / "report.md"
+    path.write_text("\n".join(lines))
+    return path

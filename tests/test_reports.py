@@ -1,0 +1,51 @@
+"""What a run leaves to look at: W&B offline runs, pass@k and the reward breakdown, the report's plots."""
+import json
+
+import pytest
+
+from shared.data import Problem, reasoning_target
+from shared.evaluation import pass_at_k, score_completions
+from shared.report import global_steps, write_plots
+from test_cli import TINY_BUDGET, run_cli
+
+PROBLEM = Problem((23, 15, 8))
+RIGHT = reasoning_target(PROBLEM)
+WRONG_ANSWER = RIGHT.rsplit("\n", 1)[0] + "\n47"
+
+
+def test_pass_at_k_counts_a_problem_solved_by_any_sample():
+    other = Problem((1, 2, 3))
+    assert pass_at_k([PROBLEM, other], [[WRONG_ANSWER, RIGHT], [WRONG_ANSWER, "6"]]) == 0.5
+    assert pass_at_k([PROBLEM], [[WRONG_ANSWER, WRONG_ANSWER]]) == 0.0
+
+
+def test_reward_breakdown_averages_each_component():
+    result = score_completions([PROBLEM, PROBLEM], [RIGHT, WRONG_ANSWER], [10, 12])
+    assert result.reward_components["correctness"] == 0.5 and result.reward_components["format"] == 1.0
+    assert result.reward == pytest.approx((1.6 + 0.6) / 2)  # all weights, then all but correctness
+    assert result.mean_completion_tokens == 11
+
+
+def test_plots_follow_the_phases_present(tmp_path):
+    sft = [{"phase": "sft", "step": i, "loss": 1.0 / i} for i in range(1, 41)]
+    evals = [{"phase": "eval", "stage": "after_sft", "accuracy": 0.5, "format_compliance": 1.0}]
+    assert global_steps(sft + evals) == list(range(1, 41)) + [40]
+    assert [p.name for p in write_plots(sft + evals, tmp_path)] == ["loss.png", "accuracy.png"]
+
+
+def test_wandb_offline_run_holds_metrics_config_and_sample_tables(tmp_path):
+    pytest.importorskip("wandb")
+    result = run_cli("train", *TINY_BUDGET, "--wandb-project", "local-reasoning-test", "--output-dir", tmp_path,
+                     env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"sft/loss", b"grpo/reward_correctness", b"grpo/kl", b"grpo/completion_tokens",
+                b"eval/after_grpo/accuracy", b"eval/after_grpo/format_compliance", b"num_samples", b"group_size"):
+        assert key in history, key
+    tables = {path.name.rsplit("_", 2)[0]: json.loads(path.read_text())
+              for path in (runs[0] / "files" / "media" / "table" / "samples").glob("*.table.json")}
+    assert {"before_sft", "after_sft", "after_grpo", "ood_three_digit"} <= set(tables)
+    assert tables["after_grpo"]["columns"] == ["prompt", "completion", "correct"]
+    assert len(tables["after_grpo"]["data"]) == 5 and tables["after_grpo"]["data"][0][0].startswith("Calculate ")
