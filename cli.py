@@ -48,43 +48,54 @@ def cli() -> None:
     """Teach a small language model to reason step by step: SFT, then GRPO."""
 
 
+TRAIN_OPTIONS = [
+    click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
+                 help="auto: MLX on Apple Silicon, PyTorch on NVIDIA, else the faster on CPU"),
+    click.option("--model", "model_name", default="Qwen/Qwen2.5-0.5B", show_default=True,
+                 help="'tiny' (embedded, offline), a hub id or a local folder"),
+    click.option("--seed", type=int, default=42, show_default=True),
+    click.option("--sft-epochs", type=POSITIVE_INT, help="[preset]"),
+    click.option("--sft-batch-size", type=POSITIVE_INT, help="[preset]"),
+    click.option("--sft-lr", type=POSITIVE_FLOAT, help="peak learning rate [preset]"),
+    click.option("--grpo-epochs", type=POSITIVE_INT, help="[preset]"),
+    click.option("--grpo-samples", type=POSITIVE_INT, help="GRPO training prompts [preset]"),
+    click.option("--grpo-lr", type=POSITIVE_FLOAT, help="[preset]"),
+    click.option("--grpo-warmup-steps", type=click.IntRange(min=0), help="linear warm-up of the GRPO lr [preset]"),
+    click.option("--group-size", type=click.IntRange(min=2), help="completions per prompt, G [preset]"),
+    click.option("--prompts-per-step", type=POSITIVE_INT, help="prompts per GRPO step [preset]"),
+    click.option("--temperature", type=POSITIVE_FLOAT, help="rollout temperature [preset]"),
+    click.option("--loss-variant", type=click.Choice(LOSS_VARIANTS), help="GRPO loss aggregation [grpo]"),
+    click.option("--updates-per-batch", type=POSITIVE_INT, help="optimiser steps per batch of rollouts [1]"),
+    click.option("--beta", type=click.FloatRange(min=0), help="KL penalty to the reference policy [0]"),
+    click.option("--epsilon", type=POSITIVE_FLOAT, help="ratio clip range [0.2]"),
+    click.option("--finetune", type=click.Choice(["lora", "full"]), help="[lora; full for tiny]"),
+    click.option("--lora-rank", type=POSITIVE_INT, help="[16]"),
+    click.option("--lora-alpha", type=POSITIVE_FLOAT, help="[32]"),
+    click.option("--eval-samples", type=POSITIVE_INT, help="held-out problems per evaluation [preset]"),
+    click.option("--eval-every", type=click.IntRange(min=0), help="also evaluate every N steps of each phase [0: off]"),
+    click.option("--ood-samples", type=click.IntRange(min=0),
+                 help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]"),
+    click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)"),
+    click.option("--wandb-project", help="log to this Weights & Biases project"),
+    click.option("--no-wandb", is_flag=True, help="never log to W&B"),
+    click.option("--trust-remote-code", is_flag=True, help="let a hub model run its own code"),
+    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
+                 show_default=True),
+]
+
+
+def with_train_options(command):
+    for option in reversed(TRAIN_OPTIONS):
+        command = option(command)
+    return command
+
+
 @cli.command()
-@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
-              help="auto: MLX on Apple Silicon, PyTorch on NVIDIA, else the faster on CPU")
-@click.option("--model", "model_name", default="Qwen/Qwen2.5-0.5B", show_default=True,
-              help="'tiny' (embedded, offline), a hub id or a local folder")
 @click.option("--mode", type=click.Choice(["sft", "grpo", "full"]), default="full", show_default=True)
 @click.option("--num-samples", type=POSITIVE_INT, help="SFT training problems [preset]")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--sft-epochs", type=POSITIVE_INT, help="[preset]")
-@click.option("--sft-batch-size", type=POSITIVE_INT, help="[preset]")
-@click.option("--sft-lr", type=POSITIVE_FLOAT, help="peak learning rate [preset]")
-@click.option("--grpo-epochs", type=POSITIVE_INT, help="[preset]")
-@click.option("--grpo-samples", type=POSITIVE_INT, help="GRPO training prompts [preset]")
-@click.option("--grpo-lr", type=POSITIVE_FLOAT, help="[preset]")
-@click.option("--grpo-warmup-steps", type=click.IntRange(min=0), help="linear warm-up of the GRPO lr [preset]")
-@click.option("--group-size", type=click.IntRange(min=2), help="completions per prompt, G [preset]")
-@click.option("--prompts-per-step", type=POSITIVE_INT, help="prompts per GRPO step [preset]")
-@click.option("--temperature", type=POSITIVE_FLOAT, help="rollout temperature [preset]")
-@click.option("--loss-variant", type=click.Choice(LOSS_VARIANTS), help="GRPO loss aggregation [grpo]")
-@click.option("--updates-per-batch", type=POSITIVE_INT, help="optimiser steps per batch of rollouts [1]")
-@click.option("--beta", type=click.FloatRange(min=0), help="KL penalty to the reference policy [0]")
-@click.option("--epsilon", type=POSITIVE_FLOAT, help="ratio clip range [0.2]")
 @click.option("--sft-checkpoint", type=click.Path(path_type=Path), help="start GRPO from this (mode grpo)")
-@click.option("--finetune", type=click.Choice(["lora", "full"]), help="[lora; full for tiny]")
-@click.option("--lora-rank", type=POSITIVE_INT, help="[16]")
-@click.option("--lora-alpha", type=POSITIVE_FLOAT, help="[32]")
-@click.option("--eval-samples", type=POSITIVE_INT, help="held-out problems per evaluation [preset]")
-@click.option("--eval-every", type=click.IntRange(min=0), help="also evaluate every N steps of each phase [0: off]")
-@click.option("--ood-samples", type=click.IntRange(min=0),
-              help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]")
-@click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output"), show_default=True)
-@click.option("--wandb-project", help="log to this Weights & Biases project")
-@click.option("--no-wandb", is_flag=True, help="never log to W&B")
-@click.option("--trust-remote-code", is_flag=True, help="let a hub model run its own code")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
-              show_default=True)
+@with_train_options
 def train(**options) -> None:
     """Train: SFT teaches the format, GRPO rewards correct reasoning."""
     setup_logging(options["log_level"])
@@ -102,6 +113,25 @@ def train(**options) -> None:
         click.echo("\nout of distribution:\n" + results_table(
             {name.replace("_", " "): result for name, result in out_of_distribution.items()}, first_column="problem set"))
     click.echo(f"checkpoints, metrics.jsonl, eval.json and report.md (with plots/) are in {config.output_dir}")
+
+
+@cli.command()
+@click.option("--num-samples", "counts", required=True, help="SFT problem counts, comma-separated: 100,500,1000")
+@click.option("--mode", type=click.Choice(["sft", "full"]), default="full", show_default=True,
+              help="full: each run is SFT then GRPO; sft: SFT only")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output/sweep"), show_default=True)
+@with_train_options
+def sweep(counts: str, **options) -> None:
+    """Rerun the pipeline per SFT sample count: the accuracy-vs-data table (sweep.md) and plot (sweep.png)."""
+    from shared.sweep import parse_counts, run_sweep, sweep_table
+
+    setup_logging(options["log_level"])
+    numbers = parse_counts(counts)
+    config = run_config_from_options({**options, "num_samples": numbers[0], "sft_checkpoint": None})
+    make_backend(config.backend)  # a missing backend fails here, before any run
+    rows = run_sweep(config, numbers, lambda: make_backend(config.backend, options["micro_batch_size"]))
+    click.echo(sweep_table(rows))
+    click.echo(f"sweep.md, sweep.json, sweep.png and one folder per run are in {config.output_dir}")
 
 
 def run_config_from_options(options: dict) -> RunConfig:

@@ -49,3 +49,22 @@ def test_wandb_offline_run_holds_metrics_config_and_sample_tables(tmp_path):
     assert {"before_sft", "after_sft", "after_grpo", "ood_three_digit"} <= set(tables)
     assert tables["after_grpo"]["columns"] == ["prompt", "completion", "correct"]
     assert len(tables["after_grpo"]["data"]) == 5 and tables["after_grpo"]["data"][0][0].startswith("Calculate ")
+
+
+def test_sweep_writes_the_results_table_per_sample_count(tmp_path):
+    budget = [a for a in TINY_BUDGET if a not in ("--num-samples", "96")]
+    result = run_cli("sweep", "--num-samples", "64,32", *budget, "--output-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [row["num_samples"] for row in rows] == [32, 64]
+    assert all(0 <= row["sft_accuracy"] <= 1 and 0 <= row["grpo_accuracy"] <= 1 for row in rows)
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| 32 samples |" in table and "| 64 samples |" in table and "| 32 samples |" in result.stdout
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for count in (32, 64):
+        run = tmp_path / f"samples_{count}"
+        assert json.loads((run / "run_config.json").read_text())["sft"]["num_samples"] == count
+        assert (run / "reasoning_final" / "model.safetensors").exists() and (run / "report.md").exists()
+    bad = run_cli("sweep", "--num-samples", "100,lots", "--model", "tiny")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --num-samples takes whole numbers separated by commas, like 100,500,1000; got '100,lots'"]
