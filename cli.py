@@ -102,6 +102,7 @@ def train(**options) -> None:
     config = run_config_from_options(options)
     backend = make_backend(config.backend, options["micro_batch_size"],
                            check_checkpoint(Path(config.sft_checkpoint)) if config.mode == "grpo" else None)
+    config.backend = backend.name  # what ran, not "auto", in run_config.json and the report
     from shared.pipeline import STAGE_LABELS, run_training
     from shared.evaluation import results_table
 
@@ -110,8 +111,8 @@ def train(**options) -> None:
     results, out_of_distribution = run_training(config, backend)
     click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
     if out_of_distribution:
-        click.echo("\nout of distribution:\n" + results_table(
-            {name.replace("_", " "): result for name, result in out_of_distribution.items()}, first_column="problem set"))
+        readable = {name.replace("_", " "): result for name, result in out_of_distribution.items()}
+        click.echo("\nout of distribution:\n" + results_table(readable, first_column="problem set"))
     click.echo(f"checkpoints, metrics.jsonl, eval.json and report.md (with plots/) are in {config.output_dir}")
 
 
@@ -128,7 +129,7 @@ def sweep(counts: str, **options) -> None:
     setup_logging(options["log_level"])
     numbers = parse_counts(counts)
     config = run_config_from_options({**options, "num_samples": numbers[0], "sft_checkpoint": None})
-    make_backend(config.backend)  # a missing backend fails here, before any run
+    config.backend = make_backend(config.backend).name  # a missing backend fails here, before any run
     rows = run_sweep(config, numbers, lambda: make_backend(config.backend, options["micro_batch_size"]))
     click.echo(sweep_table(rows))
     click.echo(f"sweep.md, sweep.json, sweep.png and one folder per run are in {config.output_dir}")

@@ -321,11 +321,15 @@ def dequantize_weights(tensors: dict[str, Tensor], quantization: dict) -> dict[s
     return result
 
 
+def cast_tensor(tensor: Tensor, dtype: str | None) -> Tensor:
+    """Floating-point tensors to `dtype` (None: unchanged); integer tensors (packed weights) untouched."""
+    if dtype is None or tensor.dtype == dtype or tensor.dtype not in FLOAT_DTYPES:
+        return tensor
+    return from_float32(tensor.as_float32(), dtype)
+
+
 def cast(tensors: dict[str, Tensor], dtype: str | None) -> dict[str, Tensor]:
-    if dtype is None:
-        return tensors
-    return {name: t if t.dtype == dtype or t.dtype not in FLOAT_DTYPES else from_float32(t.as_float32(), dtype)
-            for name, t in tensors.items()}
+    return {name: cast_tensor(tensor, dtype) for name, tensor in tensors.items()}
 
 
 def merge_adapter(tensors: dict[str, Tensor], adapter: LoraAdapter) -> dict[str, Tensor]:
@@ -387,52 +391,63 @@ def resolve_base(adapter: LoraAdapter, source: Path, override: Path | None) -> P
 
 def convert_checkpoint(request: ConversionRequest, output: Path) -> dict:
     """Write `request.source` into `output` (a new folder) in the target's native layout; returns the manifest."""
-    source, target = Path(request.source), request.target
+    source, output = Path(request.source), Path(output)
     layout = detect_layout(source)
     converted_from = {"path": str(source), "layout": layout,
                       "backend": source_backend(source, layout, request.source_backend)}
-    dtype = DTYPES[request.dtype] if request.dtype else None
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if layout in ("peft", "mlx_lora"):
-        adapter = read_adapter(source, layout)
-        base_folder = resolve_base(adapter, source, request.base)
-        base_config = read_json(base_folder / "config.json")
-        if request.base:
-            adapter.base = str(Path(request.base).resolve())
-        if request.merge or (target == "torch" and "quantization" in base_config):
-            if not request.merge:
-                raise UserError(f"the base {adapter.base!r} is an mlx-quantized model, which PyTorch cannot load: "
-                                "add --merge to fuse the adapter into dequantized weights")
-            tensors, _ = read_model_weights(base_folder)
-            if "quantization" in base_config:
-                tensors = dequantize_weights(tensors, base_config["quantization"])
-            tensors = cast(merge_adapter(tensors, adapter), dtype)
-            write_full_model(output, tensors, target_config(base_config, tensors, target), target)
-            copy_side_files(base_folder, output)
-            copy_side_files(source, output)
-        else:
-            if dtype:
-                adapter.factors = {p: tuple(cast({"f": f}, dtype)["f"] for f in pair)
-                                   for p, pair in adapter.factors.items()}
-            num_layers = int(base_config["num_hidden_layers"])
-            (write_peft_adapter if target == "torch" else write_mlx_adapter)(adapter, output, num_layers)
-            copy_side_files(source, output)
+        convert_adapter(request, layout, output)
     else:
-        if request.merge or request.base:
-            raise UserError(f"{source} is a full model: --merge and --base apply to LoRA adapters")
-        config = read_json(source / "config.json")
-        tensors, _ = read_model_weights(source)
-        if layout == "mlx_quantized" and target == "torch":
-            tensors = dequantize_weights(tensors, config["quantization"])
-        elif layout == "mlx_quantized" and dtype:
+        convert_full_model(request, layout, output)
+    return write_manifest(output, request.target, converted_from)
+
+
+def convert_adapter(request: ConversionRequest, layout: str, output: Path) -> None:
+    """The other library's adapter layout, or with --merge a full model folder."""
+    source, target, dtype = Path(request.source), request.target, DTYPES.get(request.dtype)
+    adapter = read_adapter(source, layout)
+    base_folder = resolve_base(adapter, source, request.base)
+    base_config = read_json(base_folder / "config.json")
+    if request.base:
+        adapter.base = str(Path(request.base).resolve())
+    quantized_base = "quantization" in base_config
+    if target == "torch" and quantized_base and not request.merge:
+        raise UserError(f"the base {adapter.base!r} is an mlx-quantized model, which PyTorch cannot load: "
+                        "add --merge to fuse the adapter into dequantized weights")
+    if request.merge:
+        tensors, _ = read_model_weights(base_folder)
+        if quantized_base:
+            tensors = dequantize_weights(tensors, base_config["quantization"])
+        tensors = cast(merge_adapter(tensors, adapter), dtype)
+        write_full_model(output, tensors, target_config(base_config, tensors, target), target)
+        copy_side_files(base_folder, output)
+    else:
+        adapter.factors = {path: (cast_tensor(a, dtype), cast_tensor(b, dtype))
+                           for path, (a, b) in adapter.factors.items()}
+        num_layers = int(base_config["num_hidden_layers"])
+        (write_peft_adapter if target == "torch" else write_mlx_adapter)(adapter, output, num_layers)
+    copy_side_files(source, output)
+
+
+def convert_full_model(request: ConversionRequest, layout: str, output: Path) -> None:
+    """A full folder for the target: dequantized for PyTorch, cast with --dtype, tensors otherwise as they are."""
+    source, target, dtype = Path(request.source), request.target, DTYPES.get(request.dtype)
+    if request.merge or request.base:
+        raise UserError(f"{source} is a full model: --merge and --base apply to LoRA adapters")
+    config = read_json(source / "config.json")
+    tensors, _ = read_model_weights(source)
+    if layout == "mlx_quantized":
+        if target == "mlx" and dtype:
             raise UserError("--dtype on a quantized mlx model: it stays quantized for mlx; convert --to torch "
                             "to dequantize")
-        tensors = cast(tensors, dtype)
-        config = target_config(config, tensors, target) if layout == "full" or target == "torch" else config
-        write_full_model(output, tensors, config, target)
-        copy_side_files(source, output)
-    return write_manifest(output, target, converted_from)
+        if target == "torch":
+            tensors = dequantize_weights(tensors, config["quantization"])
+    tensors = cast(tensors, dtype)
+    if layout == "full" or target == "torch":
+        config = target_config(config, tensors, target)
+    write_full_model(output, tensors, config, target)
+    copy_side_files(source, output)
 
 
 @contextmanager

@@ -58,7 +58,8 @@ def score_completions(problems: list[Problem], completions: list[str], lengths: 
 
 def pass_at_k(problems: list[Problem], completions: list[list[str]]) -> float:
     """Fraction of problems with at least one correct answer among their k samples (n = k, so exact)."""
-    solved = [any(reward_components(text, p)["correctness"] for text in texts) for p, texts in zip(problems, completions)]
+    solved = [any(reward_components(text, problem)["correctness"] for text in texts)
+              for problem, texts in zip(problems, completions)]
     return float(np.mean(solved)) if solved else 0.0
 
 

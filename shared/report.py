@@ -119,7 +119,8 @@ def write_report(output: Path, run_config_json: str, records: list[dict], result
     output = Path(output)
     plots = write_plots(records, output / "plots")
     config = json.loads(run_config_json)
-    minutes = ", ".join(f"{name.removesuffix('_s').upper()} {seconds / 60:.1f} min" for name, seconds in timings.items())
+    minutes = ", ".join(f"{name.removesuffix('_s').upper()} {seconds / 60:.1f} min"
+                        for name, seconds in timings.items())
     lines = [
         "# Training report", "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · model `{config['model']['name']}` · backend "
