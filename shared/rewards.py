@@ -6,11 +6,14 @@ from dataclasses import dataclass, fields
 
 from shared.data import Problem
 
-THINK_BLOCK = re.compile(r"^\s*<think>\n(?P<body>.*?)\n</think>\n(?P<answer>.*)$", re.DOTALL)
-INTEGER = re.compile(r"^-?\d{1,30}$")  # bounded: int() refuses over 4300 digits
-NUMBERED_STEP = re.compile(r"^(\d+)\. \S", re.MULTILINE)
-ADDITION = re.compile(r"(-?\d+(?:\s*\+\s*-?\d+)+)\s*=\s*(-?\d+)")
-VERIFICATION = re.compile(r"Verification: (-?\d+(?:\s*\+\s*-?\d+)+) is indeed (-?\d+)\.")
+# Sampled text can hold any byte: ASCII classes keep \s and \d to what int() parses (not \x1f or other
+# Unicode "spaces" and digits), and numbers are bounded, since int() refuses over 4300 digits.
+NUMBER = r"(?<!\d)-?\d{1,30}(?!\d)"
+THINK_BLOCK = re.compile(r"^\s*<think>\n(?P<body>.*?)\n</think>\n(?P<answer>.*)$", re.DOTALL | re.ASCII)
+INTEGER = re.compile(r"^-?\d{1,30}$", re.ASCII)
+NUMBERED_STEP = re.compile(r"^(\d{1,9})\. \S", re.MULTILINE | re.ASCII)
+ADDITION = re.compile(rf"({NUMBER}(?:[ \t]*\+[ \t]*{NUMBER})+)[ \t]*=[ \t]*({NUMBER})", re.ASCII)
+VERIFICATION = re.compile(rf"Verification: ({NUMBER}(?:[ \t]*\+[ \t]*{NUMBER})+) is indeed ({NUMBER})\.", re.ASCII)
 
 
 def parse_answer(completion: str) -> int | None:

@@ -87,3 +87,14 @@ def test_steps_must_be_numbered_in_order():
 def test_verification_must_restate_the_problem():
     wrong_operands = PERFECT.replace("Verification: 23 + 15 + 8", "Verification: 23 + 15 + 9")
     assert verification_reward(wrong_operands, PROBLEM) == 0.0
+
+
+@pytest.mark.parametrize("junk", ["1. Adding the first two: 23 + \x1f15 = 38", "1. Adding: 23 + 15 = \x1f38",
+                                  "2. Adding: " + "9" * 5000 + " + 1 = 10", "1" * 5000 + ". step",
+                                  "Verification: 23 + 15 + \u0668 is indeed 46.", "1. Adding: \u0662\u0663 + 15 = 38"])
+def test_every_reward_survives_sampled_junk(junk):
+    """Sampled bytes once crashed step validity (int(' \\x1f0')); junk earns nothing for its line, never an error."""
+    completion = PERFECT.replace("3. Verification", junk + "\n3. Verification")
+    components = reward_components(completion, PROBLEM)
+    assert components["correctness"] == 1.0 and 0.0 <= components["step_validity"] <= 1.0
+    assert step_validity_reward(f"<think>\n{junk}\n</think>\n46", PROBLEM) == 0.0
