@@ -182,8 +182,8 @@ def parse_problem(text: str):
     from shared.data import Problem
 
     text = re.sub(r"^\s*calculate\s+", "", text.strip(), flags=re.IGNORECASE)
-    if not re.fullmatch(r"\d+(\s*\+\s*\d+)+", text):
-        raise UserError("enter a sum of whole numbers, like 23 + 15 + 8")
+    if not re.fullmatch(r"\d{1,30}( *\+ *\d{1,30})+", text, flags=re.ASCII):
+        raise UserError("enter a sum of whole numbers (up to 30 digits each), like 23 + 15 + 8")
     return Problem(tuple(int(n) for n in text.split("+")))
 
 

@@ -79,6 +79,8 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
                   marker="s", label="after SFT + GRPO")
     axis.set(xscale="log", title="Held-out accuracy against SFT training data", xlabel="SFT problems (log scale)",
              ylabel="% of held-out problems", ylim=(-2, 102))
+    axis.set_xticks(counts, [f"{count:,}" for count in counts])
+    axis.minorticks_off()
     axis.grid(alpha=0.3)
     axis.legend(loc="upper left")
     figure.tight_layout()

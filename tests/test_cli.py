@@ -109,10 +109,10 @@ def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
 
 def test_interactive_mode_survives_bad_input(trained_run, cache_env):
     folder = trained_run[0] / "reasoning_final"
-    result = run_cli("infer", "--checkpoint", folder, "--interactive", stdin="hello\n2 + 3\n\n",
-                     env_extra=cache_env)
+    result = run_cli("infer", "--checkpoint", folder, "--interactive",
+                     stdin="hello\n" + "9" * 5000 + " + 1\n2 + 3\n\n", env_extra=cache_env)
     assert result.returncode == 0
-    assert "error: enter a sum of whole numbers" in result.stdout
+    assert result.stdout.count("error: enter a sum of whole numbers") == 2
     assert "Traceback" not in result.stdout + result.stderr
 
 
