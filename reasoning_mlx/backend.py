@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from shared.backend import GRPOBatch, TokenBatch, leading_padding, roll_rows
 from shared.config import GRPOConfig, ModelConfig
@@ -96,6 +96,9 @@ class MLXBackend:
         self.optimizer.update(self.model, gradients)
         mx.eval(self.model.parameters(), self.optimizer.state)
         return grad_norm.item()
+
+    def weights_are_finite(self) -> bool:
+        return all(mx.isfinite(value).all().item() for _, value in tree_flatten(self.model.trainable_parameters()))
 
     def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> dict:
         _, ids, mask = right_padded(batch)

@@ -81,6 +81,10 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
+    def weights_are_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
+
     def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> dict:
         total_tokens = int(batch.completion_mask.sum())
         loss = 0.0

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from shared.backend import left_pad, trim_completion
+from shared.errors import DivergedError
 
 
 @torch.no_grad()
@@ -23,7 +24,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     for _ in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            try:
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            except RuntimeError:  # multinomial refuses NaN/inf, which only diverged weights produce
+                raise DivergedError("the model's next-token probabilities are not finite") from None
         else:
             token = logits.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)

@@ -118,5 +118,9 @@ class Backend(Protocol):
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict[str, float]:
         """One optimiser step on the GRPO loss; returns loss, kl, clip fraction and grad norm."""
 
+    def weights_are_finite(self) -> bool:
+        """No NaN or inf in the trained weights (checked after every optimiser step)."""
+        ...
+
     def save(self, folder: Path) -> None:
         """Write a checkpoint the backend's own ecosystem loads with no code of ours (plus optimizer moments)."""

@@ -11,3 +11,7 @@ class UsageError(UserError):
     """A bad combination of flags or values: exit code 2, like any other usage error."""
 
     exit_code = 2
+
+
+class DivergedError(UserError):
+    """Training produced NaN or inf (loss, gradients, weights or the model's probabilities)."""

@@ -10,6 +10,7 @@ import numpy as np
 from shared.backend import Backend, GRPOBatch, pack_batch
 from shared.config import GRPOConfig, SFTConfig
 from shared.data import Problem
+from shared.errors import DivergedError
 from shared.grpo import group_advantages
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts, encode_targets
@@ -24,6 +25,19 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, m
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def diverged(phase: str, step: int, found: str, lr_flag: str) -> DivergedError:
+    return DivergedError(f"{phase} diverged at step {step} ({found}); nothing of this phase was saved, "
+                         f"earlier checkpoints are intact: lower {lr_flag}")
+
+
+def check_finite(backend: Backend, stats: dict, phase: str, step: int, lr_flag: str) -> None:
+    """Stop at the first non-finite loss, gradient or weight, before anything is saved from the diverged weights."""
+    bad = {name: stats[name] for name in ("loss", "grad_norm") if name in stats and not math.isfinite(stats[name])}
+    if bad or not backend.weights_are_finite():
+        raise diverged(phase, step, ", ".join(f"{name} {value}" for name, value in bad.items()) or
+                       "weights not finite", lr_flag)
 
 
 def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int):
@@ -48,6 +62,7 @@ def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
             began = time.perf_counter()
             stats = backend.sft_step(batch, lr, config.max_grad_norm, config.weight_decay)
+            check_finite(backend, stats, "SFT", step, "--sft-lr")
             seconds = time.perf_counter() - began
             log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
@@ -73,8 +88,11 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             chosen = [problems[i] for i in indices]
             began = time.perf_counter()
             prompts = [ids for ids in encode_prompts(tokenizer, chosen) for _ in range(config.group_size)]
-            completions = backend.generate(prompts, config.max_new_tokens, config.temperature,
-                                           seed=seed * 100_003 + step - 1)
+            try:
+                completions = backend.generate(prompts, config.max_new_tokens, config.temperature,
+                                               seed=seed * 100_003 + step - 1)
+            except DivergedError as error:
+                raise diverged("GRPO", step, str(error), "--grpo-lr") from None
             texts = [decode_completion(tokenizer, c) for c in completions]
             rewards, components = [], []
             for index, problem in enumerate(chosen):
@@ -91,6 +109,7 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
             for _ in range(config.updates_per_batch):
                 stats = backend.grpo_step(batch, lr, config)
+                check_finite(backend, stats, "GRPO", step, "--grpo-lr")
             means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "reward": float(np.mean(rewards)), **means,

@@ -228,3 +228,25 @@ def test_missing_backend_packages_name_the_install_command(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: the mlx backend needs packages that are missing: "
         "pip install -e '.[mlx]'  (Linux: pip install 'mlx[cpu]' mlx-lm)"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_diverging_sft_stops_with_one_line_and_saves_nothing(backend, cache_env, tmp_path):
+    """lr 1e30 turns the weights to inf within a step or two: a NaN fault injected through the real loop."""
+    budget = [a if a != "torch" else backend for a in TINY_BUDGET]
+    result = run_cli("train", *budget, "--sft-lr", "1e30", "--output-dir", tmp_path, env_extra=cache_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: SFT diverged at step" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "sft_final").exists()
+
+
+def test_a_diverging_grpo_keeps_the_sft_checkpoint(trained_run, mlx_lora_run, cache_env, tmp_path):
+    for budget, sft in ((TINY_BUDGET, trained_run[0] / "sft_final"), (MLX_LORA_BUDGET, mlx_lora_run / "sft_final")):
+        before = {p.name: p.read_bytes() for p in sft.iterdir()}
+        output = tmp_path / sft.parent.name
+        result = run_cli("train", "--mode", "grpo", *budget, "--sft-checkpoint", sft, "--grpo-lr", "1e30",
+                         "--output-dir", output, env_extra=cache_env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "error: GRPO diverged at step" in result.stderr.strip().splitlines()[-1]
+        assert not (output / "reasoning_final").exists()
+        assert {p.name: p.read_bytes() for p in sft.iterdir()} == before
