@@ -62,8 +62,8 @@ def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
             began = time.perf_counter()
             stats = backend.sft_step(batch, lr, config.max_grad_norm, config.weight_decay)
-            check_finite(backend, stats, "SFT", step, "--sft-lr")
             seconds = time.perf_counter() - began
+            check_finite(backend, stats, "SFT", step, "--sft-lr")
             log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
