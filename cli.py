@@ -111,8 +111,7 @@ def train(**options) -> None:
     results, out_of_distribution = run_training(config, backend)
     click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
     if out_of_distribution:
-        readable = {name.replace("_", " "): result for name, result in out_of_distribution.items()}
-        click.echo("\nout of distribution:\n" + results_table(readable, first_column="problem set"))
+        click.echo("\nout of distribution:\n" + results_table(out_of_distribution, first_column="problem set"))
     click.echo(f"checkpoints, metrics.jsonl, eval.json and report.md (with plots/) are in {config.output_dir}")
 
 
@@ -259,15 +258,14 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     model = load_for_inference(checkpoint, backend)
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
-    sets = {"in distribution": generate_problems(num_samples, seed, held_out=True)}
+    sets = {"in_distribution": generate_problems(num_samples, seed, held_out=True)}
     if ood_samples:
-        sets.update({name.replace("_", " "): problems
-                     for name, problems in out_of_distribution_sets(ood_samples, seed).items()})
+        sets.update(out_of_distribution_sets(ood_samples, seed))
     results = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
     if json_path:
-        json_path.write_text(json.dumps({name.replace(" ", "_"): {**r.summary(), "samples": r.samples}
-                                         for name, r in results.items()}, indent=2))
+        json_path.write_text(json.dumps({name: {**r.summary(), "samples": r.samples} for name, r in results.items()},
+                                        indent=2))
 
 
 @cli.command()

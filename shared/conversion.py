@@ -8,6 +8,7 @@ mlx-lm keeps lora_a = A.T (in, r) and lora_b = B.T (r, out); its `scale` is PEFT
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.checkpoints import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, OPTIMIZER_FILE, adapter_base,
-                                rope_fields_for_older_readers)
+                                checkpoint_kind, rope_fields_for_older_readers)
 from shared.errors import UserError
 from shared.tensor_files import FLOAT_DTYPES, Tensor, from_float32, read_tensors, write_tensors
 
@@ -40,21 +41,21 @@ LAYER_PATH = re.compile(r"^(?P<stack>.*\.layers)\.(?P<index>\d+)\.(?P<inner>.+)$
 
 
 def detect_layout(folder: Path) -> str:
-    """'peft', 'mlx_lora', 'mlx_quantized' or 'full'; a one-line error for anything else."""
+    """'peft', 'mlx_lora', 'mlx_quantized' or 'full' (checkpoint_kind, checked); a one-line error otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"checkpoint {str(folder)!r} does not exist")
-    if (folder / MLX_ADAPTER_WEIGHTS_FILE).exists():
-        return "mlx_lora"
-    if (folder / ADAPTER_CONFIG_FILE).exists():
-        if not (folder / PEFT_WEIGHTS_FILE).exists():
-            raise UserError(f"{folder} has {ADAPTER_CONFIG_FILE} but no {PEFT_WEIGHTS_FILE} or "
-                            f"{MLX_ADAPTER_WEIGHTS_FILE}: not an adapter layout this tool knows")
-        return "peft"
-    if (folder / "config.json").exists() and list(folder.glob("model*.safetensors")):
-        return "mlx_quantized" if "quantization" in read_json(folder / "config.json") else "full"
-    raise UserError(f"{folder} is not a checkpoint layout this tool knows (a Hugging Face model folder, "
-                    "a PEFT adapter or an mlx-lm adapter)")
+    kind = checkpoint_kind(folder)
+    if kind == "peft" and not (folder / PEFT_WEIGHTS_FILE).exists():
+        raise UserError(f"{folder} has {ADAPTER_CONFIG_FILE} but no {PEFT_WEIGHTS_FILE} or "
+                        f"{MLX_ADAPTER_WEIGHTS_FILE}: not an adapter layout this tool knows")
+    if kind == "full":
+        if not (folder / "config.json").exists() or not model_weight_files(folder):
+            raise UserError(f"{folder} is not a checkpoint layout this tool knows (a Hugging Face model folder, "
+                            "a PEFT adapter or an mlx-lm adapter)")
+        if "quantization" in read_json(folder / "config.json"):
+            return "mlx_quantized"
+    return kind
 
 
 def read_json(path: Path) -> dict:
@@ -82,9 +83,18 @@ def read_model_weights(folder: Path) -> tuple[dict[str, Tensor], str | None]:
 
 def weights_sha256(folder: Path) -> str:
     """sha256 of the tensors themselves (names, dtypes, shapes, bytes): the same for a model
-    saved by either library, sharded or not."""
+    saved by either library, sharded or not. Cached while the files are unchanged, since converting
+    then loading an adapter checks the same base several times."""
+    files = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in model_weight_files(folder))
+    return tensors_sha256(files)
+
+
+@functools.lru_cache(maxsize=8)
+def tensors_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    tensors, _ = read_model_weights(folder)
+    tensors = {}
+    for path, _, _ in files:
+        tensors.update(read_tensors(Path(path))[0])
     for name in sorted(tensors):
         tensor = tensors[name]
         digest.update(f"{name}:{tensor.dtype}:{list(tensor.array.shape)};".encode())

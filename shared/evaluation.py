@@ -97,12 +97,13 @@ def out_of_distribution_sets(count: int, seed: int) -> dict[str, list[Problem]]:
 
 
 def results_table(results: dict[str, EvalResult], first_column: str = "stage") -> str:
-    """Markdown table, a row per stage (before SFT / after SFT / after GRPO) or per problem set."""
+    """Markdown table, a row per stage (before SFT / after SFT / after GRPO) or per problem set
+    (`two_operands` shows as "two operands")."""
     with_pass = any(r.pass_at_k is not None for r in results.values())
     header = f"| {first_column} | accuracy | format | step validity | verification | reward | mean tokens |"
     lines = [header + (" pass@k |" if with_pass else ""), "|---" * (8 if with_pass else 7) + "|"]
     for stage, result in results.items():
-        line = (f"| {stage} | {result.accuracy:.1%} | {result.format_compliance:.1%} | "
+        line = (f"| {stage.replace('_', ' ')} | {result.accuracy:.1%} | {result.format_compliance:.1%} | "
                 f"{result.step_validity:.1%} | {result.verification:.1%} | {result.reward:.2f} | "
                 f"{result.mean_completion_tokens:.0f} |")
         if with_pass:

@@ -130,8 +130,7 @@ def write_report(output: Path, run_config_json: str, records: list[dict], result
     ]
     if out_of_distribution:
         lines += ["## Out of distribution (after the last phase)", "",
-                  results_table({n.replace("_", " "): r for n, r in out_of_distribution.items()},
-                                first_column="problem set"), ""]
+                  results_table(out_of_distribution, first_column="problem set"), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     if results:
