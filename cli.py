@@ -9,10 +9,11 @@ from pathlib import Path
 
 import click
 
-from shared.checkpoints import check_checkpoint
+from shared.checkpoints import check_checkpoint, is_out_of_space
 from shared.config import RunConfig, build_run_config, EvalConfig
 from shared.errors import UserError
 from shared.grpo import LOSS_VARIANTS
+from shared.resume import Interrupted
 
 logger = logging.getLogger("local_reasoning")
 POSITIVE_INT = click.IntRange(min=1)
@@ -75,6 +76,8 @@ TRAIN_OPTIONS = [
     click.option("--eval-every", type=click.IntRange(min=0), help="also evaluate every N steps of each phase [0: off]"),
     click.option("--ood-samples", type=click.IntRange(min=0),
                  help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]"),
+    click.option("--save-every", type=click.IntRange(min=0),
+                 help="save a checkpoint to resume from every N steps of each phase [SFT 200, GRPO 20; 0: off]"),
     click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)"),
     click.option("--wandb-project", help="log to this Weights & Biases project"),
     click.option("--no-wandb", is_flag=True, help="never log to W&B"),
@@ -95,20 +98,32 @@ def with_train_options(command):
 @click.option("--num-samples", type=POSITIVE_INT, help="SFT training problems [preset]")
 @click.option("--sft-checkpoint", type=click.Path(path_type=Path), help="start GRPO from this (mode grpo)")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output"), show_default=True)
+@click.option("--resume", is_flag=True, help="continue the unfinished run in --output-dir from its last checkpoint")
 @with_train_options
-def train(**options) -> None:
-    """Train: SFT teaches the format, GRPO rewards correct reasoning."""
+def train(resume: bool, **options) -> None:
+    """Train: SFT teaches the format, GRPO rewards correct reasoning.
+
+    Interrupted runs (Ctrl-C, a crash, kill -9) continue with --resume, or by running the same
+    command again."""
     setup_logging(options["log_level"])
-    config = run_config_from_options(options)
+    if resume:
+        config, point = resumed_run_config(options)
+    else:
+        config, point = run_config_from_options(options), None
     backend = make_backend(config.backend, options["micro_batch_size"],
                            check_checkpoint(Path(config.sft_checkpoint)) if config.mode == "grpo" else None)
     config.backend = backend.name  # what ran, not "auto", in run_config.json and the report
+    if not resume:
+        point = unfinished_run_to_continue(config)
     from shared.pipeline import STAGE_LABELS, run_training
     from shared.evaluation import results_table
 
     logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
                 config.output_dir)
-    results, out_of_distribution = run_training(config, backend)
+    if point:
+        logger.info("resuming from %s (%s step %d of %d)", point[1], point[0].phase.upper(), point[0].step,
+                    point[0].total_steps)
+    results, out_of_distribution = run_training(config, backend, point)
     click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
     if out_of_distribution:
         click.echo("\nout of distribution:\n" + results_table(out_of_distribution, first_column="problem set"))
@@ -134,28 +149,100 @@ def sweep(counts: str, **options) -> None:
     click.echo(f"sweep.md, sweep.json, sweep.png and one folder per run are in {config.output_dir}")
 
 
+# Where each train option lands in RunConfig ("section.field"); --save-every sets both phases.
+OPTION_FIELDS = {
+    "model_name": "model.name", "finetune": "model.finetune", "lora_rank": "model.lora_rank",
+    "lora_alpha": "model.lora_alpha", "trust_remote_code": "model.trust_remote_code",
+    "num_samples": "sft.num_samples", "sft_epochs": "sft.epochs", "sft_batch_size": "sft.batch_size",
+    "sft_lr": "sft.lr", "grpo_samples": "grpo.num_prompts", "grpo_epochs": "grpo.epochs", "grpo_lr": "grpo.lr",
+    "grpo_warmup_steps": "grpo.warmup_steps", "group_size": "grpo.group_size",
+    "prompts_per_step": "grpo.prompts_per_step", "temperature": "grpo.temperature",
+    "loss_variant": "grpo.loss_variant", "beta": "grpo.beta", "epsilon": "grpo.epsilon",
+    "updates_per_batch": "grpo.updates_per_batch", "eval_samples": "eval.num_problems",
+    "eval_every": "eval.every_steps", "ood_samples": "eval.ood_problems",
+    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint",
+}
+
+
+def option_values(options: dict) -> dict:
+    """The OPTION_FIELDS options as RunConfig holds them (None: not given, the preset decides)."""
+    values = {name: options[name] for name in OPTION_FIELDS}
+    values["trust_remote_code"] = options["trust_remote_code"] or None
+    values["sft_checkpoint"] = str(options["sft_checkpoint"]) if options["sft_checkpoint"] else None
+    return values
+
+
+def config_field(config: RunConfig, path: str):
+    section, _, name = path.rpartition(".")
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def resumed_run_config(options: dict):
+    """--resume: the run's own settings from its run_config.json, and its last resume point.
+
+    Options repeated from the original command are fine; one that changes a setting is an error.
+    """
+    from shared.resume import latest_resume_point
+
+    output = options["output_dir"]
+    point = latest_resume_point(output)
+    if point is None:
+        raise UserError(f"{output} holds no checkpoint to resume from (a run saves one every --save-every steps)")
+    config = RunConfig.from_json((output / "run_config.json").read_text())
+    context = click.get_current_context()
+    for name, value in option_values(options).items():
+        saved = config_field(config, OPTION_FIELDS[name])
+        if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and value != saved and not (
+                name == "trust_remote_code" and not saved):
+            flag = next(param.opts[0] for param in context.command.params if param.name == name)
+            raise click.UsageError(f"{flag} {value} differs from the run's {saved} ({output}/run_config.json); "
+                                   "--resume continues with the run's own settings")
+    if options["backend"] not in ("auto", config.backend):
+        raise click.UsageError(f"this run trained with --backend {config.backend}; it resumes on the same backend")
+    if options["save_every"] is not None:
+        config.sft.save_every = config.grpo.save_every = options["save_every"]
+    if options["no_wandb"] or options["wandb_project"]:
+        config.wandb_project = None if options["no_wandb"] else options["wandb_project"]
+    return config, point
+
+
+def unfinished_run_to_continue(config: RunConfig):
+    """The same command again on an interrupted run continues it; other settings there are an error."""
+    from shared.resume import is_unfinished, latest_resume_point
+
+    output = Path(config.output_dir)
+    if not is_unfinished(output):
+        return None
+    saved = RunConfig.from_json((output / "run_config.json").read_text())
+    if not same_run(saved, config):
+        raise UserError(f"{output} holds an unfinished run with other settings: continue it with "
+                        f"python cli.py train --resume --output-dir {output}, or choose another --output-dir")
+    return latest_resume_point(output)
+
+
+def same_run(a: RunConfig, b: RunConfig) -> bool:
+    """Equal in everything that decides the numbers (not where they are logged, nor how often saved)."""
+    def essentials(config: RunConfig) -> dict:
+        values = json.loads(config.to_json())
+        values.pop("wandb_project")
+        values["sft"].pop("save_every"), values["grpo"].pop("save_every")
+        return values
+    return essentials(a) == essentials(b)
+
+
 def run_config_from_options(options: dict) -> RunConfig:
-    sections = {
-        "model": {"name": options["model_name"], "finetune": options["finetune"],
-                  "lora_rank": options["lora_rank"], "lora_alpha": options["lora_alpha"],
-                  "trust_remote_code": options["trust_remote_code"] or None},
-        "sft": {"num_samples": options["num_samples"], "epochs": options["sft_epochs"],
-                "batch_size": options["sft_batch_size"], "lr": options["sft_lr"]},
-        "grpo": {"num_prompts": options["grpo_samples"], "epochs": options["grpo_epochs"],
-                 "lr": options["grpo_lr"], "warmup_steps": options["grpo_warmup_steps"], "group_size": options["group_size"],
-                 "prompts_per_step": options["prompts_per_step"], "temperature": options["temperature"],
-                 "loss_variant": options["loss_variant"], "beta": options["beta"],
-                 "epsilon": options["epsilon"], "updates_per_batch": options["updates_per_batch"]},
-        "eval": {"num_problems": options["eval_samples"], "every_steps": options["eval_every"],
-                 "ood_problems": options["ood_samples"]},
-    }
-    explicit = {section: {k: v for k, v in values.items() if v is not None} for section, values in sections.items()}
-    return build_run_config(explicit, {
-        "mode": options["mode"], "backend": options["backend"], "seed": options["seed"],
-        "sft_checkpoint": str(options["sft_checkpoint"]) if options["sft_checkpoint"] else None,
-        "output_dir": str(options["output_dir"]),
-        "wandb_project": None if options["no_wandb"] else options["wandb_project"],
-    })
+    sections: dict[str, dict] = {"model": {}, "sft": {}, "grpo": {}, "eval": {}}
+    top_level = {"backend": options["backend"], "output_dir": str(options["output_dir"]),
+                 "wandb_project": None if options["no_wandb"] else options["wandb_project"]}
+    for name, value in option_values(options).items():
+        section, _, field_name = OPTION_FIELDS[name].rpartition(".")
+        if not section:
+            top_level[field_name] = value
+        elif value is not None:
+            sections[section][field_name] = value
+    if options["save_every"] is not None:
+        sections["sft"]["save_every"] = sections["grpo"]["save_every"] = options["save_every"]
+    return build_run_config(sections, top_level)
 
 
 def load_for_inference(checkpoint: Path, backend_name: str):
@@ -208,9 +295,9 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
         raise click.UsageError("choose one of --interactive and --batch")
     model = load_for_inference(checkpoint, backend)
     if interactive:
-        click.echo("Type a sum like 23 + 15 + 8 (empty line or Ctrl-D to quit).")
+        click.echo("Type a sum like 23 + 15 + 8 (quit or Ctrl-D to stop).")
         for line in sys.stdin:
-            if not line.strip():
+            if line.strip().lower() in ("quit", "exit"):
                 break
             try:
                 problem = parse_problem(line)
@@ -304,12 +391,22 @@ def main() -> int:
     except click.ClickException as error:  # bad flags and values: one line, exit 2
         click.echo(f"error: {error.format_message()}", err=True)
         return error.exit_code
+    except Interrupted as error:  # what was saved and how to continue; not an error
+        click.echo(str(error), err=True)
+        return error.exit_code
     except UserError as error:
         click.echo(f"error: {error}", err=True)
         return error.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as error:
+        if not is_out_of_space(error):
+            raise
+        where = f"to write {error.filename}" if error.filename else "on the disk"
+        click.echo(f"error: no space left {where} ({error.strerror}); free some and run the command again "
+                   "(a train run continues from its last checkpoint)", err=True)
+        return 1
     return 0
 
 

@@ -36,6 +36,15 @@ class MLXBackend:
         self.reference_weights = None if self.loaded.lora else self.model.trainable_parameters()
         self.saved_optimizer_state = load_optimizer_state(Path(model_path)) if trainable else {}
 
+    def seed(self, seed: int) -> None:
+        mx.random.seed(seed)
+
+    def set_reference(self, folder: Path | None = None) -> None:
+        if self.loaded.lora:
+            return
+        self.reference_weights = (self.model.trainable_parameters() if folder is None else
+                                  load_model(folder, ModelConfig(finetune="full"), trainable=False).model.parameters())
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  seed: int | None = None) -> list[list[int]]:
         return generate(self.model, prompts, max_new_tokens, temperature, stop_token_ids(self.tokenizer),

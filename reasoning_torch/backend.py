@@ -32,6 +32,18 @@ class TorchBackend:
         self.optimizer = self.reference = None
         self.saved_optimizer_state = load_optimizer_state(Path(model_path)) if trainable else {}
 
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def set_reference(self, folder: Path | None = None) -> None:
+        if hasattr(self.model, "disable_adapter"):
+            return
+        if folder is None:
+            self.reference = copy.deepcopy(self.model)
+        else:
+            self.reference, _ = load_model(folder, ModelConfig(finetune="full"), self.device, trainable=False)
+        self.reference.eval().requires_grad_(False)
+
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -63,7 +75,7 @@ class TorchBackend:
         if hasattr(self.model, "disable_adapter"):
             return _AdapterDisabled(self.model)
         if self.reference is None:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.set_reference()
         return self.reference
 
     def micro_batches(self, batch: TokenBatch):

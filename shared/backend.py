@@ -105,6 +105,13 @@ class Backend(Protocol):
         both phases of a run, so GRPO starts with SFT's moments.
         """
 
+    def seed(self, seed: int) -> None:
+        """Seed the framework's global RNG (LoRA initialisation, dropout): the driver reseeds every step."""
+
+    def set_reference(self, folder: Path | None = None) -> None:
+        """The KL term's reference policy: the current weights, or those saved in `folder` (a resumed
+        run's GRPO start). With LoRA the reference is always the base with the adapters off."""
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  seed: int) -> list[list[int]]:
         """One completion per prompt, batched with a KV cache, each ending at its stop token."""

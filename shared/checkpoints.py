@@ -1,7 +1,9 @@
 """Atomic checkpoint folders: written beside the target, then renamed into place."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -9,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.errors import UserError
+
+logger = logging.getLogger("local_reasoning")
 
 RUN_CONFIG_FILE = "run_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -25,6 +29,7 @@ def atomic_folder(target: Path):
     try:
         yield staging
         make_readable(staging)
+        make_durable(staging)
         previous = None
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -45,14 +50,60 @@ def make_readable(folder: Path) -> None:
         file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
-def save_checkpoint(backend, target: Path, run_config_json: str) -> Path:
+def make_durable(folder: Path) -> None:
+    """On disk before the rename, so a power cut cannot leave a renamed folder of empty files."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """A full disk (or quota, or file-size limit), also as the libraries' writers report it."""
+    if isinstance(error, OSError) and error.errno in NO_ROOM:
+        return True
+    return any(text in str(error) for text in ("No space left", "os error 28", "File too large", "os error 27"))
+
+
+def save_checkpoint(backend, target: Path, run_config_json: str, extra_files: dict[str, str] | None = None) -> Path:
+    """The backend's files plus run_config.json, manifest.json and `extra_files`, all or nothing.
+
+    Every safetensors file is read back before the rename: some writers drop data on a full disk
+    without raising.
+    """
     from shared.conversion import write_manifest  # it reads checkpoints with this module's helpers
 
-    with atomic_folder(target) as staging:
-        backend.save(staging)
-        (staging / RUN_CONFIG_FILE).write_text(run_config_json)
-        write_manifest(staging, backend.name)
+    try:
+        with atomic_folder(target) as staging:
+            backend.save(staging)
+            (staging / RUN_CONFIG_FILE).write_text(run_config_json)
+            for name, text in (extra_files or {}).items():
+                (staging / name).write_text(text)
+            write_manifest(staging, backend.name)
+            for file in staging.glob("*.safetensors"):
+                check_safetensors(file)
+    except (OSError, RuntimeError, UserError) as error:
+        raise checkpoint_write_error(target, error) from None
+    except Exception as error:  # safetensors' own SafetensorError, for one
+        if not is_out_of_space(error):
+            raise
+        raise checkpoint_write_error(target, error) from None
     return Path(target)
+
+
+def checkpoint_write_error(target: Path, error: BaseException) -> UserError:
+    logger.debug("writing %s failed", target, exc_info=error)
+    reason = "no space left to write it" if is_out_of_space(error) else str(error).splitlines()[0][:200]
+    return UserError(f"could not write checkpoint {target} ({reason}); nothing half-written was left "
+                     "and earlier checkpoints are intact")
 
 
 def check_checkpoint(path: Path) -> Path:

@@ -39,6 +39,7 @@ class SFTConfig:
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
+    save_every: int = option(200, "save a checkpoint to resume from every N steps (0: only at the end)")
 
 
 @dataclass
@@ -58,7 +59,8 @@ class GRPOConfig:
     updates_per_batch: int = option(1, "optimiser steps on each batch of rollouts (ratio clipping acts from the 2nd)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    reward_weights: RewardWeights = option(RewardWeights(), "weights of the reward components", )
+    reward_weights: RewardWeights = option(RewardWeights(), "weights of the reward components")
+    save_every: int = option(20, "save a checkpoint to resume from every N steps (0: only at the end)")
 
 
 @dataclass
@@ -88,6 +90,17 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        """The inverse of to_json: run_config.json back into a RunConfig."""
+        values = json.loads(text)
+        sections = {"model": ModelConfig, "sft": SFTConfig, "grpo": GRPOConfig, "eval": EvalConfig}
+        for name, section in sections.items():
+            values[name] = section(**values[name])
+        values["model"].lora_targets = tuple(values["model"].lora_targets)
+        values["grpo"].reward_weights = RewardWeights(**values["grpo"].reward_weights)
+        return cls(**values)
 
 
 # Defaults per model: the tiny model starts from random weights and needs far more data and a

@@ -6,6 +6,6 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress_bar(total: int, label: str, unit: str = "step"):
-    return tqdm(total=total, desc=label, unit=unit, dynamic_ncols=True, leave=False,
+def progress_bar(total: int, label: str, unit: str = "step", initial: int = 0):
+    return tqdm(total=total, desc=label, unit=unit, initial=initial, dynamic_ncols=True, leave=False,
                 disable=not sys.stderr.isatty())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger("local_reasoning")
@@ -10,12 +11,21 @@ SAMPLE_COLUMNS = ("prompt", "completion", "correct")
 
 
 class MetricsLog:
-    """Appends to metrics.jsonl; keeps this run's records for the report; mirrors to W&B (offline too)."""
+    """Writes metrics.jsonl; keeps this run's records for the report; mirrors to W&B (offline too).
 
-    def __init__(self, path: Path, wandb_project: str | None = None, run_config: dict | None = None):
+    A resumed run keeps the first `keep_records` lines (those its checkpoint had seen) and drops the
+    rest, which the resumed steps write again.
+    """
+
+    def __init__(self, path: Path, wandb_project: str | None = None, run_config: dict | None = None,
+                 keep_records: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
+        kept = path.read_text().splitlines()[:keep_records] if keep_records and path.exists() else []
+        self.records: list[dict] = [json.loads(line) for line in kept]
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        os.replace(staging, path)
         self.file = open(path, "a", buffering=1)
-        self.records: list[dict] = []
         self.wandb = None
         if wandb_project:
             try:

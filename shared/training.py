@@ -1,6 +1,7 @@
 """The SFT and GRPO loops, written once against the backend interface."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Callable
@@ -14,6 +15,7 @@ from shared.errors import DivergedError
 from shared.grpo import group_advantages
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts, encode_targets
+from shared.resume import phase_steps, step_seed
 from shared.rewards import combined_reward, reward_components
 
 Log = Callable[[dict], None]
@@ -28,8 +30,8 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, m
 
 
 def diverged(phase: str, step: int, found: str, lr_flag: str) -> DivergedError:
-    return DivergedError(f"{phase} diverged at step {step} ({found}); nothing of this phase was saved, "
-                         f"earlier checkpoints are intact: lower {lr_flag}")
+    return DivergedError(f"{phase} diverged at step {step} ({found}); nothing was saved from it and "
+                         f"the checkpoints saved before it are intact: lower {lr_flag}")
 
 
 def check_finite(backend: Backend, stats: dict, phase: str, step: int, lr_flag: str) -> None:
@@ -40,23 +42,26 @@ def check_finite(backend: Backend, stats: dict, phase: str, step: int, lr_flag: 
                        "weights not finite", lr_flag)
 
 
-def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int):
-    """(epoch, indices) for each batch of each epoch, reshuffled every epoch, seeded."""
+def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int, skip: int = 0):
+    """(step, epoch, indices) for each batch of each epoch, reshuffled every epoch, seeded; the
+    first `skip` batches (a resumed run's finished steps) are drawn and passed over."""
     rng = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        order = rng.permutation(count)
-        for start in range(0, count, batch_size):
-            yield epoch, order[start:start + batch_size]
+    batches = ((epoch, order[start:start + batch_size]) for epoch in range(epochs)
+               for order in [rng.permutation(count)] for start in range(0, count, batch_size))
+    for step, (epoch, indices) in enumerate(itertools.islice(batches, skip, None), start=skip + 1):
+        yield step, epoch, indices
 
 
 def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed: int, log: Log,
-              on_step: Callable[[int], None] | None = None) -> None:
+              on_step: Callable[[int], None] | None = None, start_step: int = 0) -> None:
+    """Cross-entropy on the reference completions; a resumed run passes the steps it finished."""
     tokenizer = backend.tokenizer
     examples = list(zip(encode_prompts(tokenizer, problems), encode_targets(tokenizer, problems)))
-    total_steps = math.ceil(len(examples) / config.batch_size) * config.epochs
-    batches = shuffled_batches(len(examples), config.batch_size, config.epochs, seed)
-    with progress_bar(total_steps, "SFT") as bar:
-        for step, (epoch, indices) in enumerate(batches, start=1):
+    total_steps = phase_steps(len(examples), config.batch_size, config.epochs)
+    batches = shuffled_batches(len(examples), config.batch_size, config.epochs, seed, skip=start_step)
+    with progress_bar(total_steps, "SFT", initial=start_step) as bar:
+        for step, epoch, indices in batches:
+            backend.seed(step_seed(seed, "sft", step))
             chosen = [examples[i] for i in indices]
             batch = pack_batch([p for p, _ in chosen], [c for _, c in chosen], tokenizer.pad_token_id)
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
@@ -78,13 +83,14 @@ def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple
 
 
 def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, seed: int, log: Log,
-               on_step: Callable[[int], None] | None = None) -> None:
+               on_step: Callable[[int], None] | None = None, start_step: int = 0) -> None:
     """Sample G completions per prompt, score them, and push toward the better ones of each group."""
     tokenizer = backend.tokenizer
-    total_steps = math.ceil(len(problems) / config.prompts_per_step) * config.epochs
-    batches = shuffled_batches(len(problems), config.prompts_per_step, config.epochs, seed)
-    with progress_bar(total_steps, "GRPO") as bar:
-        for step, (epoch, indices) in enumerate(batches, start=1):
+    total_steps = phase_steps(len(problems), config.prompts_per_step, config.epochs)
+    batches = shuffled_batches(len(problems), config.prompts_per_step, config.epochs, seed, skip=start_step)
+    with progress_bar(total_steps, "GRPO", initial=start_step) as bar:
+        for step, epoch, indices in batches:
+            backend.seed(step_seed(seed, "grpo", step))
             chosen = [problems[i] for i in indices]
             began = time.perf_counter()
             prompts = [ids for ids in encode_prompts(tokenizer, chosen) for _ in range(config.group_size)]

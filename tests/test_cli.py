@@ -110,9 +110,9 @@ def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
 def test_interactive_mode_survives_bad_input(trained_run, cache_env):
     folder = trained_run[0] / "reasoning_final"
     result = run_cli("infer", "--checkpoint", folder, "--interactive",
-                     stdin="hello\n" + "9" * 5000 + " + 1\n2 + 3\n\n", env_extra=cache_env)
+                     stdin="hello\n" + "9" * 5000 + " + 1\n\n2 + 3\nquit\nhello again\n", env_extra=cache_env)
     assert result.returncode == 0
-    assert result.stdout.count("error: enter a sum of whole numbers") == 2
+    assert result.stdout.count("error: enter a sum of whole numbers") == 3  # words, too long, empty; none after quit
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -131,6 +131,9 @@ def test_grpo_mode_from_an_sft_checkpoint(trained_run, cache_env, tmp_path):
     (["train", "--mode", "grpo", "--model", "tiny"], "--sft-checkpoint"),
     (["train", "--loss-variant", "ppo"], "--loss-variant"),
     (["train", "--no-such-flag"], "no-such-flag"),
+    (["train", "--save-every", "-1"], "--save-every"),
+    (["train", "--grpo-lr", "-1e-5"], "--grpo-lr"),
+    (["train", "--eval-samples", "0"], "--eval-samples"),
     (["infer", "--checkpoint", "x", "--interactive", "--batch"], "--interactive"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
@@ -149,15 +152,90 @@ def test_missing_checkpoint_fails_cleanly(command, tmp_path):
         f"error: checkpoint {str(tmp_path / 'nope')!r} does not exist (train one with: python cli.py train)"]
 
 
-def test_truncated_checkpoint_fails_cleanly(trained_run, tmp_path):
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[: len(data) // 2], "truncated"),
+    (lambda data: data[:8] + b"\xff" * 64 + data[72:], "corrupted"),
+    (lambda data: b"", "truncated"),
+])
+def test_damaged_weights_fail_cleanly(trained_run, tmp_path, damage, message):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(trained_run[0] / "sft_final", broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run_cli("eval", "--checkpoint", broken)
-    assert result.returncode == 1 and "truncated" in result.stderr and "Traceback" not in result.stderr
+    weights.write_bytes(damage(weights.read_bytes()))
+    for command in (["eval", "--checkpoint", broken], ["train", "--mode", "grpo", *TINY_BUDGET, "--sft-checkpoint",
+                                                      broken, "--output-dir", tmp_path / "out"]):
+        result = run_cli(*command)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_empty_checkpoint_folder_fails_cleanly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("eval", "--checkpoint", tmp_path / "empty")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'empty'} is not a model folder: no config.json or adapter_config.json"]
+
+
+def test_pickled_weights_are_never_loaded(trained_run, cache_env, tmp_path):
+    """A folder whose only weights are a pickle that would run code when unpickled: refused unread."""
+    import pickle
+    import shutil
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pickle_ran",))
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(trained_run[0] / "sft_final", folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Exploit()))
+    for backend in ("torch", "mlx"):
+        for command in (["eval", "--checkpoint", folder, "--backend", backend],
+                        ["train", *TINY_BUDGET, "--backend", backend, "--model", folder,
+                         "--output-dir", tmp_path / "out"]):
+            result = run_cli(*command, env_extra=cache_env)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+            assert result.stderr.strip().splitlines()[-1] == f"error: {folder} holds no .safetensors weights"
+    assert not (tmp_path / "pickle_ran").exists()
+    pickle.loads((folder / "pytorch_model.bin").read_bytes())  # the payload is live: it does run when unpickled
+    assert (tmp_path / "pickle_ran").exists()
+
+
+def test_remote_code_runs_only_when_asked(cache_env, tmp_path):
+    """A model folder that names its own code (auto_map): ignored unless --trust-remote-code."""
+    import shutil
+    sys.path.insert(0, str(ROOT))
+    from shared.tiny_model import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "remote_code_ran"
+    (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                      "from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model\n")
+    budget = ["--mode", "sft", "--model", folder, "--num-samples", "32", "--sft-batch-size", "32",
+              "--eval-samples", "2", "--ood-samples", "0"]
+    for backend in ("torch", "mlx"):
+        result = run_cli("train", *budget, "--backend", backend, "--output-dir", tmp_path / backend,
+                         env_extra=cache_env)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists()
+    trusted = run_cli("train", *budget, "--backend", "torch", "--trust-remote-code", "--output-dir",
+                      tmp_path / "trusted", env_extra=cache_env)
+    assert trusted.returncode == 0 and marker.exists()
+    shutil.rmtree(tmp_path / "custom")
+
+
+def test_an_mlx_adapter_on_the_torch_backend_names_the_fix(mlx_lora_run, cache_env, tmp_path):
+    sft = mlx_lora_run / "sft_final"
+    result = run_cli("train", "--mode", "grpo", *TINY_BUDGET, "--sft-checkpoint", sft, "--output-dir", tmp_path,
+                     env_extra=cache_env)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {sft} is an mlx-lm LoRA adapter: use --backend mlx, or python cli.py convert {sft} --to torch")
 
 
 def test_unreachable_hub_model_says_so_in_one_line(tmp_path):
