@@ -182,12 +182,14 @@ def resumed_run_config(options: dict):
 
     Options repeated from the original command are fine; one that changes a setting is an error.
     """
-    from shared.resume import latest_resume_point
+    from shared.resume import is_unfinished, latest_resume_point
 
     output = options["output_dir"]
     point = latest_resume_point(output)
     if point is None:
         raise UserError(f"{output} holds no checkpoint to resume from (a run saves one every --save-every steps)")
+    if not is_unfinished(output):
+        raise UserError(f"the run in {output} has finished; there is nothing to resume")
     config = RunConfig.from_json((output / "run_config.json").read_text())
     context = click.get_current_context()
     for name, value in option_values(options).items():

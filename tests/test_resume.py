@@ -88,6 +88,9 @@ def test_kill_9_mid_sft_and_mid_grpo_then_resume_gives_the_uninterrupted_run(uni
     assert "resuming from" in finished.stderr and "| after GRPO |" in finished.stdout
     assert_same_run(tmp_path, reference)
     assert not (tmp_path / "checkpoints").exists()  # a finished run keeps only its final checkpoints
+    again = run_cli("train", "--resume", "--output-dir", tmp_path, env_extra=cache_env)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"error: the run in {tmp_path} has finished; there is nothing to resume"]
 
 
 def test_ctrl_c_saves_exits_130_and_the_same_command_continues(uninterrupted, cache_env, tmp_path):
