@@ -19,9 +19,8 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed-all
-	$(PY) bench/time_to_accuracy.py
-	$(PY) bench/backends.py
+bench: $(VENV)/.installed-bench
+	$(PY) bench/run.py --json bench/results.json
 
 clean:
 	rm -rf $(OUTPUT) .pytest_cache

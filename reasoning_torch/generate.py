@@ -17,8 +17,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     stops = torch.tensor(sorted(stop_ids), device=device)
     cache = DynamicCache()
+    # the last position's logits only: all of them made the prefill 3.7x slower on Qwen2.5-0.5B's vocabulary
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   cache=cache, use_cache=True).logits[:, -1]
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     columns = []
     for _ in range(max_new_tokens):

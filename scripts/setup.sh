@@ -2,6 +2,7 @@
 # Create the virtual environment and install the project.
 #   scripts/setup.sh PYTHON VENV demo   the backend this machine trains with: MLX on Apple Silicon, else PyTorch
 #   scripts/setup.sh PYTHON VENV all    both backends (the tests compare them)
+#   scripts/setup.sh PYTHON VENV bench  both backends and the peers bench/run.py measures (TRL, mlx-lm)
 # Uses uv when present, else venv + pip. On Linux without an NVIDIA GPU, torch is pinned to the CPU
 # build (2.13.0) so no multi-GB CUDA wheel is ever pulled; with MLX on Linux, OpenBLAS is installed
 # through apt where we are root (mlx[cpu] alone bundles a 30x slower reference BLAS).
@@ -27,6 +28,7 @@ if [ "$what" = "demo" ]; then
 else
     backends="torch,mlx"
     extras="plots,dev,wandb"  # the tests run W&B in offline mode
+    [ "$what" = "bench" ] && extras="$extras,bench"
 fi
 
 if [[ "$backends" == *torch* ]] && [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then

@@ -1,0 +1,424 @@
+"""Ours vs the peers, side by side, same machine, same model, data, batch, lengths and group size.
+
+    python bench/run.py [--quick] [--json PATH]
+
+Each measurement runs in its own process (PyTorch and MLX never share one: the OpenBLAS that MLX
+needs on Linux would also replace PyTorch's kernels) and the pairs run one after the other:
+  1. SFT tokens/s on the tiny model: ours (PyTorch) vs TRL SFTTrainer; ours (MLX) vs mlx_lm.lora,
+     full fine-tuning and LoRA.
+  2. GRPO step time on the tiny model: ours (PyTorch) vs TRL GRPOTrainer, 16 prompts x G=8, 200 tokens.
+  3. Rollout tokens/s: ours vs transformers `generate`; ours (MLX) vs mlx_lm `batch_generate`.
+  4. Qwen2.5-0.5B's architecture with random weights (no download): LoRA SFT tokens/s, rollout tokens/s
+     and peak memory, ours on each backend.
+  5. Time to 90 % and 97 % held-out accuracy with the `make demo` settings (bench/time_to_accuracy.py):
+     PyTorch; without --quick, MLX too (about 25 more minutes on a 2-core CPU).
+Prints a markdown table; --json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better}.
+TRL and mlx-lm are benchmark-only dependencies (pip install -e '.[bench]').
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SFT_BATCH = 32
+GRPO_PROMPTS, GROUP, MAX_NEW = 16, 8, 200
+LR = 2e-3
+
+
+def problems(count: int, seed: int = 0):
+    from shared.data import generate_problems
+    return generate_problems(count, seed=seed, held_out=False)
+
+
+def tiny_folder() -> Path:
+    from shared.tiny_model import ensure_tiny_model
+    return ensure_tiny_model()
+
+
+def conversations(items) -> list[dict]:
+    """Prompt-completion pairs in the chat format TRL and mlx-lm read, from the same problems and targets."""
+    from shared.data import reasoning_target
+    return [{"prompt": [{"role": "user", "content": p.prompt}],
+             "completion": [{"role": "assistant", "content": reasoning_target(p)}]} for p in items]
+
+
+def after_warmup(durations: list[float], tokens: list[int], warmup: int) -> float:
+    """Tokens per second over the steps after the first `warmup` ones."""
+    return sum(tokens[warmup:]) / sum(durations[warmup:])
+
+
+# ---- workers: each prints one JSON object ------------------------------------------------------
+
+def ours_sft(backend_name: str, steps: int, finetune: str = "full", model: str | None = None,
+             batch_size: int = SFT_BATCH) -> dict:
+    from cli import make_backend
+    from shared.backend import pack_batch
+    from shared.config import ModelConfig
+    from shared.prompts import encode_prompts, encode_targets
+
+    backend = make_backend(backend_name)
+    backend.load(Path(model) if model else tiny_folder(),
+                 ModelConfig(name="tiny", finetune=finetune, lora_rank=16, lora_alpha=32), trainable=True)
+    tokenizer = backend.tokenizer
+    durations, tokens = [], []
+    data = problems(batch_size * (steps + 1))
+    for step in range(steps + 1):
+        chosen = data[step * batch_size:(step + 1) * batch_size]
+        batch = pack_batch(encode_prompts(tokenizer, chosen), encode_targets(tokenizer, chosen), tokenizer.pad_token_id)
+        began = time.perf_counter()
+        backend.sft_step(batch, LR if finetune == "full" else 2e-4, 1.0, 0.0)
+        durations.append(time.perf_counter() - began)
+        tokens.append(int(batch.attention_mask.sum()))
+    return {"tokens_per_s": after_warmup(durations, tokens, 1), "peak_rss_gb": peak_memory_gb()}
+
+
+def trl_sft(steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    folder = tiny_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    timing = step_timer()
+    args = SFTConfig(output_dir="/tmp/bench_trl_sft", per_device_train_batch_size=SFT_BATCH, max_steps=steps + 1,
+                     learning_rate=LR, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                     logging_steps=10**9, completion_only_loss=True, use_cpu=True, dataloader_num_workers=0,
+                     adam_beta2=0.98, max_grad_norm=1.0, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(conversations(problems(SFT_BATCH * (steps + 1)))),
+                         callbacks=[timing])
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    trainer.train()
+    per_step = sum(lengths) / len(lengths) * SFT_BATCH  # tokens without padding, as ours counts them
+    return {"tokens_per_s": per_step * (len(timing.durations) - 1) / sum(timing.durations[1:])}
+
+
+def mlx_lm_sft(steps: int, finetune: str) -> dict:
+    """mlx_lm.lora's own training loop (`mlx_lm.tuner.trainer.train`), on our data, batch and lengths."""
+    import reasoning_mlx  # noqa: F401  (first: OpenBLAS on Linux, as ours gets)
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer = load(str(tiny_folder()))
+    if finetune == "lora":
+        model.freeze()
+        keys = sorted(name for name, _ in model.layers[0].named_modules()
+                      if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"))
+        linear_to_lora_layers(model, len(model.layers), {"rank": 16, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    records = [{"messages": c["prompt"] + c["completion"]} for c in conversations(problems(SFT_BATCH * (steps + 1)))]
+    dataset = CacheDataset(ChatDataset(records, tokenizer, mask_prompt=True))
+
+    class Report(TrainingCallback):
+        def __init__(self):
+            self.reports = []
+
+        def on_train_loss_report(self, info):
+            self.reports.append(info)
+
+    report = Report()
+    args = TrainingArgs(batch_size=SFT_BATCH, iters=steps + 1, steps_per_report=1, steps_per_eval=10**9,
+                        steps_per_save=10**9, max_seq_length=512, adapter_file="/tmp/bench_mlx_lm_adapters.safetensors")
+    optimizer = optim.AdamW(learning_rate=LR if finetune == "full" else 2e-4, betas=[0.9, 0.98], bias_correction=True)
+    train(model=model, optimizer=optimizer, train_dataset=dataset, args=args, training_callback=report)
+    # mlx-lm counts only completion tokens; per step, count prompt and completion as ours and TRL's rows do
+    per_step = sum(len(dataset[i][0]) for i in range(len(dataset))) / len(dataset) * SFT_BATCH
+    seconds = [1 / r["iterations_per_second"] for r in report.reports[1:]]  # the first step compiles
+    return {"tokens_per_s": per_step * len(seconds) / sum(seconds)}
+
+
+def ours_grpo(steps: int) -> dict:
+    from cli import make_backend
+    from shared.config import build_run_config
+    from shared.training import train_grpo
+
+    config = build_run_config({"model": {"name": "tiny"}}, {})
+    config.grpo.save_every = 0
+    backend = make_backend("torch")
+    backend.load(tiny_folder(), config.model, trainable=True)
+    records = []
+    train_grpo(backend, problems(GRPO_PROMPTS * (steps + 1), seed=1), config.grpo, 0, records.append)
+    durations = [r["step_s"] for r in records][1:]
+    return {"step_s": sum(durations) / len(durations),
+            "completion_tokens": sum(r["completion_tokens"] for r in records) / len(records)}
+
+
+def trl_grpo(steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from shared.prompts import stop_token_ids
+    from shared.rewards import RewardWeights, combined_reward, reward_components
+
+    folder = tiny_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))  # ours stops there, TRL reads this
+    items = problems(GRPO_PROMPTS * (steps + 1), seed=1)
+    by_prompt = {p.prompt: p for p in items}
+
+    def reward(prompts, completions, **_):
+        return [combined_reward(reward_components(c[0]["content"], by_prompt[p[-1]["content"]]), RewardWeights())
+                for p, c in zip(prompts, completions)]
+
+    timing = step_timer()
+    args = GRPOConfig(output_dir="/tmp/bench_trl_grpo", per_device_train_batch_size=GRPO_PROMPTS * GROUP,
+                      num_generations=GROUP, max_completion_length=MAX_NEW, temperature=1.0, learning_rate=5e-5,
+                      beta=0.0, loss_type="grpo", max_steps=steps + 1, report_to=[], save_strategy="no",
+                      logging_steps=1, use_cpu=True, disable_tqdm=True, shuffle_dataset=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list([{"prompt": c["prompt"]} for c in conversations(items)]),
+                          callbacks=[timing])
+    trainer.train()
+    lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
+               if "completions/mean_length" in entry]
+    return {"step_s": sum(timing.durations[1:]) / (len(timing.durations) - 1),
+            "completion_tokens": sum(lengths) / len(lengths)}
+
+
+def ours_rollout(backend_name: str, rows: int, max_new: int, model: str | None = None) -> dict:
+    from cli import make_backend
+    from shared.config import ModelConfig
+    from shared.prompts import encode_prompts
+
+    backend = make_backend(backend_name)
+    backend.load(Path(model) if model else tiny_folder(), ModelConfig(name="tiny", finetune="full"), trainable=False)
+    prompts = encode_prompts(backend.tokenizer, problems(rows, seed=2))
+    backend.generate(prompts[:2], 4, 1.0, seed=0)  # warm-up
+    began = time.perf_counter()
+    completions = backend.generate(prompts, max_new, 1.0, seed=0)
+    seconds = time.perf_counter() - began
+    return {"tokens_per_s": sum(len(c) for c in completions) / seconds, "peak_rss_gb": peak_memory_gb()}
+
+
+def hf_generate(rows: int, max_new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.prompts import encode_prompts, stop_token_ids
+
+    folder = tiny_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    prompts = encode_prompts(tokenizer, problems(rows, seed=2))
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    settings = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
+                    eos_token_id=sorted(stop_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.generate(**{k: v[:2] for k, v in batch.items()}, **{**settings, "max_new_tokens": 4})
+        began = time.perf_counter()
+        output = model.generate(**batch, **settings)
+        seconds = time.perf_counter() - began
+    generated = output[:, batch["input_ids"].shape[1]:]
+    return {"tokens_per_s": int((generated != tokenizer.pad_token_id).sum()) / seconds}
+
+
+def mlx_lm_generate(rows: int, max_new: int) -> dict:
+    import reasoning_mlx  # noqa: F401  (first: OpenBLAS on Linux)
+    from mlx_lm import batch_generate, load
+    from mlx_lm.sample_utils import make_sampler
+
+    from shared.prompts import encode_prompts
+
+    model, tokenizer = load(str(tiny_folder()))
+    prompts = encode_prompts(tokenizer._tokenizer, problems(rows, seed=2))
+    sampler = make_sampler(temp=1.0)
+    batch_generate(model, tokenizer, prompts[:2], max_tokens=4, sampler=sampler)
+    began = time.perf_counter()
+    response = batch_generate(model, tokenizer, prompts, max_tokens=max_new, sampler=sampler)
+    seconds = time.perf_counter() - began
+    return {"tokens_per_s": response.stats.generation_tokens / seconds}
+
+
+def qwen_architecture_folder() -> str:
+    """Qwen2.5-0.5B's config with random weights (bf16 on disk), and the tiny model's tokenizer."""
+    import shutil
+
+    folder = Path("/tmp/bench_qwen2.5-0.5b-random")
+    if (folder / "model.safetensors").exists():
+        return str(folder)
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_folder() / name, staging / name)
+    staging.rename(folder)
+    return str(folder)
+
+
+def peak_memory_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def step_timer():
+    """A transformers TrainerCallback that records each optimiser step's wall time in `.durations`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.durations, self.began = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.durations.append(time.perf_counter() - self.began)
+
+    return StepTimer()
+
+
+WORKERS = {"ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft, "ours_grpo": ours_grpo,
+           "trl_grpo": trl_grpo, "ours_rollout": ours_rollout, "hf_generate": hf_generate,
+           "mlx_lm_generate": mlx_lm_generate}
+
+
+def run_worker(name: str, **kwargs) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
+    began = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode:
+        sys.exit(f"error: {name} {kwargs} failed: {result.stderr.strip().splitlines()[-1]}")
+    print(f"  {name} {kwargs}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def row(name: str, ours: float | None, peer: float | None, unit: str, goal: float | None,
+        lower_is_better: bool) -> dict:
+    """One line of the table; `ours` None: the target was never reached."""
+    ratio = None if peer is None or ours is None else ours / peer
+    return {"name": name, "ours": ours, "peer": peer, "unit": unit, "ratio": ratio, "goal": goal,
+            "lower_is_better": lower_is_better}
+
+
+def measure(quick: bool) -> list[dict]:
+    sft_steps, grpo_steps = (6, 2) if quick else (20, 4)
+    rows = []
+    ours = run_worker("ours_sft", backend_name="torch", steps=sft_steps)
+    trl = run_worker("trl_sft", steps=sft_steps)
+    rows.append(row("SFT tokens/s, tiny, full: ours (PyTorch) vs TRL SFTTrainer", ours["tokens_per_s"],
+                    trl["tokens_per_s"], "tokens/s", 1.0, False))
+    for finetune in ("full", "lora"):
+        ours = run_worker("ours_sft", backend_name="mlx", steps=sft_steps, finetune=finetune)
+        peer = run_worker("mlx_lm_sft", steps=sft_steps, finetune=finetune)
+        rows.append(row(f"SFT tokens/s, tiny, {finetune}: ours (MLX) vs mlx_lm.lora", ours["tokens_per_s"],
+                        peer["tokens_per_s"], "tokens/s", 1.0, False))
+    ours = run_worker("ours_grpo", steps=grpo_steps)
+    trl = run_worker("trl_grpo", steps=grpo_steps)
+    rows.append(row(f"GRPO step, tiny, {GRPO_PROMPTS} prompts x G={GROUP}, ≤ {MAX_NEW} tokens (mean "
+                    f"{ours['completion_tokens']:.0f} ours, {trl['completion_tokens']:.0f} TRL): ours (PyTorch) vs "
+                    "TRL GRPOTrainer", ours["step_s"], trl["step_s"], "s/step", 0.5, True))
+    rollout = {"rows": GRPO_PROMPTS * GROUP, "max_new": MAX_NEW}
+    ours = run_worker("ours_rollout", backend_name="torch", **rollout)
+    peer = run_worker("hf_generate", **rollout)
+    rows.append(row("rollout tokens/s, tiny, 128 x 200: ours (PyTorch) vs transformers generate",
+                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    ours = run_worker("ours_rollout", backend_name="mlx", **rollout)
+    peer = run_worker("mlx_lm_generate", **rollout)
+    rows.append(row("rollout tokens/s, tiny, 128 x 200: ours (MLX) vs mlx_lm batch_generate",
+                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    qwen = qwen_architecture_folder()
+    for backend_name in ("torch", "mlx"):
+        label = "PyTorch" if backend_name == "torch" else "MLX"
+        sft = run_worker("ours_sft", backend_name=backend_name, steps=2, finetune="lora", model=qwen, batch_size=4)
+        rollout = run_worker("ours_rollout", backend_name=backend_name, rows=8, max_new=32, model=qwen)
+        rows.append(row(f"Qwen2.5-0.5B architecture, LoRA SFT tokens/s, batch 4 ({label})", sft["tokens_per_s"],
+                        None, "tokens/s", None, False))
+        rows.append(row(f"Qwen2.5-0.5B architecture, rollout tokens/s, 8 x 32 ({label})", rollout["tokens_per_s"],
+                        None, "tokens/s", None, False))
+        rows.append(row(f"Qwen2.5-0.5B architecture, peak memory, LoRA SFT ({label})", sft["peak_rss_gb"],
+                        None, "GB (RSS)", None, True))
+    return rows + time_to_accuracy_rows(("torch",) if quick else ("torch", "mlx"))
+
+
+def time_to_accuracy_rows(backends: tuple[str, ...]) -> list[dict]:
+    """Minutes of training (evaluation excluded) to 90 % and 97 % held-out accuracy, demo settings."""
+    rows = []
+    for backend_name in backends:
+        curve_file = Path(f"/tmp/bench_time_to_accuracy_{backend_name}.json")
+        began = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), "--backend", backend_name,
+                        "--eval-every", "150", "--eval-problems", "500", "--json", str(curve_file)],
+                       check=True, capture_output=True, cwd=ROOT)
+        print(f"  time_to_accuracy {backend_name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+        curve = json.loads(curve_file.read_text())
+        best = max(point["accuracy"] for point in curve)
+        for target in (0.90, 0.97):
+            reached = next((point["minutes"] for point in curve if point["accuracy"] >= target), None)
+            note = "" if reached is not None else f", not reached: best {best:.1%} in {curve[-1]['minutes']:.1f} min"
+            rows.append(row(f"time to {target:.0%} held-out accuracy, demo settings ({backend_name}{note})", reached,
+                            None, "minutes", 10.0 if target == 0.97 else None, True))
+    return rows
+
+
+def goal_met(r: dict) -> bool | None:
+    """Ratios are held to the goal where there is a peer; absolute values where there is none."""
+    if r["goal"] is None:
+        return None
+    if r["ours"] is None:
+        return False
+    value = r["ours"] if r["peer"] is None else r["ratio"]
+    return value <= r["goal"] if r["lower_is_better"] else value >= r["goal"]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| benchmark | ours | peer | unit | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = "–" if r["peer"] is None else f"{r['peer']:,.2f}"
+        ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        goal = "–" if r["goal"] is None else (("≤ " if r["lower_is_better"] else "≥ ") + f"{r['goal']:.1f}" +
+                                             ("x" if r["peer"] is not None else f" {r['unit']}"))
+        met = {None: "–", True: "yes", False: "**no**"}[goal_met(r)]
+        ours = "–" if r["ours"] is None else f"{r['ours']:,.2f}"
+        lines.append(f"| {r['name']} | {ours} | {peer} | {r['unit']} | {ratio} | {goal} | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps per measurement, time-to-accuracy on PyTorch only (about 15 minutes)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
+        return
+    missing = [module for module in ("trl", "datasets", "torch", "mlx_lm") if importlib.util.find_spec(module) is None]
+    if missing:
+        sys.exit(f"error: bench/run.py needs {', '.join(missing)}: pip install -e '.[torch,mlx,bench]'")
+    began = time.perf_counter()
+    rows = measure(args.quick)
+    print(markdown(rows))
+    print(f"\n{time.perf_counter() - began:.0f} s on this machine", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
