@@ -28,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shared.config import PRESETS  # noqa: E402
+
 SFT_BATCH = 32
 GRPO_PROMPTS, GROUP, MAX_NEW = 16, 8, 200
-LR = 2e-3
+LR = PRESETS["tiny"]["sft"]["lr"]
 
 
 def problems(count: int, seed: int = 0):

@@ -108,7 +108,7 @@ class RunConfig:
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": {"finetune": "full"},
-        "sft": {"num_samples": 72000, "epochs": 1, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100},
+        "sft": {"num_samples": 72000, "epochs": 1, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100},
         "grpo": {"num_prompts": 1536, "group_size": 8, "prompts_per_step": 16, "lr": 5e-5, "min_lr_ratio": 0.1,
                  "temperature": 1.0, "max_new_tokens": 200},
         "eval": {"num_problems": 1000, "max_new_tokens": 200, "batch_size": 250},
