@@ -6,7 +6,8 @@ Each measurement runs in its own process (PyTorch and MLX never share one: the O
 needs on Linux would also replace PyTorch's kernels) and the pairs run one after the other:
   1. SFT tokens/s on the tiny model: ours (PyTorch) vs TRL SFTTrainer; ours (MLX) vs mlx_lm.lora,
      full fine-tuning and LoRA.
-  2. GRPO step time on the tiny model: ours (PyTorch) vs TRL GRPOTrainer, 16 prompts x G=8, 200 tokens.
+  2. GRPO step time on the tiny model after 300 SFT steps (it writes the format, often wrongly, so
+     rewards differ within groups): ours (PyTorch) vs TRL GRPOTrainer, 16 prompts x G=8, 200 tokens.
   3. Rollout tokens/s: ours vs transformers `generate`; ours (MLX) vs mlx_lm `batch_generate`.
   4. Qwen2.5-0.5B's architecture with random weights (no download): LoRA SFT tokens/s, rollout tokens/s
      and peak memory, ours on each backend.
@@ -32,6 +33,7 @@ from shared.config import PRESETS  # noqa: E402
 
 SFT_BATCH = 32
 GRPO_PROMPTS, GROUP, MAX_NEW = 16, 8, 200
+GRPO_START_SFT_STEPS = 300
 LR = PRESETS["tiny"]["sft"]["lr"]
 
 
@@ -142,7 +144,7 @@ def mlx_lm_sft(steps: int, finetune: str) -> dict:
     return {"tokens_per_s": per_step * len(seconds) / sum(seconds)}
 
 
-def ours_grpo(steps: int) -> dict:
+def ours_grpo(steps: int, model: str) -> dict:
     from cli import make_backend
     from shared.config import build_run_config
     from shared.training import train_grpo
@@ -150,15 +152,16 @@ def ours_grpo(steps: int) -> dict:
     config = build_run_config({"model": {"name": "tiny"}}, {})
     config.grpo.save_every = 0
     backend = make_backend("torch")
-    backend.load(tiny_folder(), config.model, trainable=True)
+    backend.load(Path(model), config.model, trainable=True)
     records = []
     train_grpo(backend, problems(GRPO_PROMPTS * (steps + 1), seed=1), config.grpo, 0, records.append)
     durations = [r["step_s"] for r in records][1:]
     return {"step_s": sum(durations) / len(durations),
-            "completion_tokens": sum(r["completion_tokens"] for r in records) / len(records)}
+            "completion_tokens": sum(r["completion_tokens"] for r in records) / len(records),
+            "trained": sum(r["trained_sequences"] for r in records) / (len(records) * GRPO_PROMPTS * GROUP)}
 
 
-def trl_grpo(steps: int) -> dict:
+def trl_grpo(steps: int, model: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,7 +170,7 @@ def trl_grpo(steps: int) -> dict:
     from shared.prompts import stop_token_ids
     from shared.rewards import RewardWeights, combined_reward, reward_components
 
-    folder = tiny_folder()
+    folder = model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))  # ours stops there, TRL reads this
@@ -182,7 +185,8 @@ def trl_grpo(steps: int) -> dict:
     args = GRPOConfig(output_dir="/tmp/bench_trl_grpo", per_device_train_batch_size=GRPO_PROMPTS * GROUP,
                       num_generations=GROUP, max_completion_length=MAX_NEW, temperature=1.0, learning_rate=5e-5,
                       beta=0.0, loss_type="grpo", max_steps=steps + 1, report_to=[], save_strategy="no",
-                      logging_steps=1, use_cpu=True, disable_tqdm=True, shuffle_dataset=False)
+                      logging_steps=1, use_cpu=True, disable_tqdm=True, shuffle_dataset=False,
+                      bf16=False, gradient_checkpointing=False)  # fp32 like ours; no recomputation
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_list([{"prompt": c["prompt"]} for c in conversations(items)]),
                           callbacks=[timing])
@@ -191,6 +195,26 @@ def trl_grpo(steps: int) -> dict:
                if "completions/mean_length" in entry]
     return {"step_s": sum(timing.durations[1:]) / (len(timing.durations) - 1),
             "completion_tokens": sum(lengths) / len(lengths)}
+
+
+def sft_policy(steps: int = GRPO_START_SFT_STEPS) -> dict:
+    """The tiny model after `steps` SFT steps (preset settings), saved once: a policy that writes the
+    format but is still often wrong, so rewards differ within groups, as when GRPO is worth running."""
+    folder = Path(f"/tmp/bench_tiny_sft_{steps}")
+    if not (folder / "model.safetensors").exists():
+        from cli import make_backend
+        from shared.checkpoints import save_checkpoint
+        from shared.config import build_run_config
+        from shared.training import train_sft
+
+        config = build_run_config({"model": {"name": "tiny"}}, {})
+        config.sft.save_every = 0
+        backend = make_backend("torch")
+        backend.seed(0)
+        backend.load(tiny_folder(), config.model, trainable=True)
+        train_sft(backend, problems(config.sft.batch_size * steps, seed=3), config.sft, 0, lambda record: None)
+        save_checkpoint(backend, folder, config.to_json())
+    return {"folder": str(folder)}
 
 
 def ours_rollout(backend_name: str, rows: int, max_new: int, model: str | None = None) -> dict:
@@ -294,7 +318,7 @@ def step_timer():
     return StepTimer()
 
 
-WORKERS = {"ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft, "ours_grpo": ours_grpo,
+WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft, "ours_grpo": ours_grpo,
            "trl_grpo": trl_grpo, "ours_rollout": ours_rollout, "hf_generate": hf_generate,
            "mlx_lm_generate": mlx_lm_generate}
 
@@ -318,7 +342,7 @@ def row(name: str, ours: float | None, peer: float | None, unit: str, goal: floa
 
 
 def measure(quick: bool) -> list[dict]:
-    sft_steps, grpo_steps = (6, 2) if quick else (20, 4)
+    sft_steps, grpo_steps = (6, 4) if quick else (20, 8)
     rows = []
     ours = run_worker("ours_sft", backend_name="torch", steps=sft_steps)
     trl = run_worker("trl_sft", steps=sft_steps)
@@ -329,11 +353,13 @@ def measure(quick: bool) -> list[dict]:
         peer = run_worker("mlx_lm_sft", steps=sft_steps, finetune=finetune)
         rows.append(row(f"SFT tokens/s, tiny, {finetune}: ours (MLX) vs mlx_lm.lora", ours["tokens_per_s"],
                         peer["tokens_per_s"], "tokens/s", 1.0, False))
-    ours = run_worker("ours_grpo", steps=grpo_steps)
-    trl = run_worker("trl_grpo", steps=grpo_steps)
-    rows.append(row(f"GRPO step, tiny, {GRPO_PROMPTS} prompts x G={GROUP}, ≤ {MAX_NEW} tokens (mean "
-                    f"{ours['completion_tokens']:.0f} ours, {trl['completion_tokens']:.0f} TRL): ours (PyTorch) vs "
-                    "TRL GRPOTrainer", ours["step_s"], trl["step_s"], "s/step", 0.5, True))
+    policy = run_worker("sft_policy")["folder"]
+    ours = run_worker("ours_grpo", steps=grpo_steps, model=policy)
+    trl = run_worker("trl_grpo", steps=grpo_steps, model=policy)
+    rows.append(row(f"GRPO step, tiny after {GRPO_START_SFT_STEPS} SFT steps, {GRPO_PROMPTS} prompts x G={GROUP}, "
+                    f"≤ {MAX_NEW} tokens (mean {ours['completion_tokens']:.0f} ours, {trl['completion_tokens']:.0f} "
+                    f"TRL; {ours['trained']:.0%} of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer",
+                    ours["step_s"], trl["step_s"], "s/step", 0.5, True))
     rollout = {"rows": GRPO_PROMPTS * GROUP, "max_new": MAX_NEW}
     ours = run_worker("ours_rollout", backend_name="torch", **rollout)
     peer = run_worker("hf_generate", **rollout)

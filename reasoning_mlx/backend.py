@@ -17,7 +17,7 @@ from shared.prompts import stop_token_ids
 from reasoning_mlx.generate import generate
 from reasoning_mlx.losses import grpo_loss, token_logprobs
 from reasoning_mlx.model import LoadedModel, load_model, save_model, set_lora_scale
-from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state
+from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state, write_optimizer_file
 
 
 class MLXBackend:
@@ -126,8 +126,7 @@ class MLXBackend:
         shifts, ids, mask = right_padded(tokens)
         old, ref = (None if a is None else roll_rows(a, shifts).astype(np.float32)
                     for a in (batch.old_logprobs, batch.ref_logprobs))
-        totals = {"total_sequences": len(tokens), "total_tokens": int(mask.sum()),
-                  "max_completion_tokens": settings.max_new_tokens}
+        totals = batch.loss_totals(settings.max_new_tokens)
 
         def loss_fn(ids_part, mask_part, old_part, ref_part, advantages_part):
             new = token_logprobs(self.model, ids_part, settings.temperature) * mask_part
@@ -148,6 +147,8 @@ class MLXBackend:
         save_model(self.loaded, folder)
         if self.optimizer is not None:
             save_optimizer_state(self.optimizer, folder)
+        elif self.saved_optimizer_state:  # loaded and not stepped since (GRPO steps without signal): passed on
+            write_optimizer_file(self.saved_optimizer_state, folder)
 
 
 def right_padded(batch: TokenBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

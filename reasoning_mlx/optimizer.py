@@ -37,7 +37,12 @@ def save_optimizer_state(optimizer: optim.AdamW, folder: Path) -> None:
             tensors[f"{name}.{MOMENT_NAMES[moment]}"] = value.astype(mx.float32)
     if tensors:
         tensors["step"] = optimizer.step.astype(mx.float32)
-        mx.save_safetensors(str(Path(folder) / OPTIMIZER_FILE), tensors)
+        write_optimizer_file(tensors, folder)
+
+
+def write_optimizer_file(tensors: dict[str, mx.array], folder: Path) -> None:
+    # in name order: mlx writes in the dict's order, and moments passed on as loaded must give the same bytes
+    mx.save_safetensors(str(Path(folder) / OPTIMIZER_FILE), dict(sorted(tensors.items())))
 
 
 def load_optimizer_state(folder: Path) -> dict[str, mx.array]:

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.backend import GRPOBatch, TokenBatch
+from shared.backend import GRPOBatch, TokenBatch, micro_batches
 from shared.config import GRPOConfig, ModelConfig
 from shared.grpo import policy_drift
 from shared.prompts import stop_token_ids
 from reasoning_torch.generate import generate
 from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
 from reasoning_torch.model import load_model, pick_device, save_model
-from reasoning_torch.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state
+from reasoning_torch.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state, write_optimizer_file
 
 
 class TorchBackend:
@@ -64,11 +64,12 @@ class TorchBackend:
     def completion_logprobs(self, batch: TokenBatch, temperature: float = 1.0,
                             reference: bool = False) -> np.ndarray:
         model = self.reference_model() if reference else self.model
-        chunks = []
+        logprobs = np.zeros(batch.input_ids.shape, dtype=np.float32)
         with self.autocast():
-            for rows in self.micro_batches(batch):
-                chunks.append(token_logprobs(model, to_tensors(rows, self.device), temperature).float().cpu())
-        return torch.cat(chunks).numpy()
+            for rows, columns, part in self.micro_batches(batch):
+                part_logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
+                logprobs[rows, columns] = part_logprobs.float().cpu().numpy()
+        return logprobs
 
     def reference_model(self):
         """The starting policy for the KL term: LoRA disabled, or a frozen copy of full weights."""
@@ -79,8 +80,9 @@ class TorchBackend:
         return self.reference
 
     def micro_batches(self, batch: TokenBatch):
-        for start in range(0, len(batch), self.micro_batch_size):
-            yield batch.rows(slice(start, start + self.micro_batch_size))
+        """(rows, columns, that part of the batch) in micro-batches of rows of similar length."""
+        for rows, columns in micro_batches(batch.attention_mask, self.micro_batch_size):
+            yield rows, columns, batch.part(rows, columns)
 
     def optimizer_step(self, lr: float, max_grad_norm: float, weight_decay: float) -> float:
         if self.optimizer is None:
@@ -100,31 +102,32 @@ class TorchBackend:
     def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> dict:
         total_tokens = int(batch.completion_mask.sum())
         loss = 0.0
-        for rows in self.micro_batches(batch):
+        for _, _, part in self.micro_batches(batch):
             with self.autocast():
-                part = sft_loss(self.model, to_tensors(rows, self.device), total_tokens)
-            part.backward()
-            loss += float(part.detach())
+                part_loss = sft_loss(self.model, to_tensors(part, self.device), total_tokens)
+            part_loss.backward()
+            loss += float(part_loss.detach())
         return {"loss": loss, "grad_norm": self.optimizer_step(lr, max_grad_norm, weight_decay)}
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict:
-        tokens = batch.tokens
-        totals = {"total_sequences": len(tokens), "total_tokens": int(tokens.completion_mask.sum()),
-                  "max_completion_tokens": settings.max_new_tokens}
-        loss, new_parts = 0.0, []
-        for start in range(0, len(tokens), self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            tensors = to_tensors(tokens.rows(rows), self.device)
+        tokens, totals = batch.tokens, batch.loss_totals(settings.max_new_tokens)
+        loss, new_logprobs = 0.0, np.zeros(tokens.input_ids.shape, dtype=np.float32)
+        for rows, columns, part in self.micro_batches(tokens):
+            tensors = to_tensors(part, self.device)
             with self.autocast():
                 new = token_logprobs(self.model, tensors, settings.temperature)
-            old = new.detach() if batch.old_logprobs is None else torch.from_numpy(batch.old_logprobs[rows]).to(new)
-            ref = None if batch.ref_logprobs is None else torch.from_numpy(batch.ref_logprobs[rows]).to(new)
+
+            def given(logprobs: np.ndarray | None) -> torch.Tensor | None:
+                return None if logprobs is None else torch.from_numpy(logprobs[rows][:, columns]).to(new)
+
+            old = new.detach() if batch.old_logprobs is None else given(batch.old_logprobs)
             advantages = torch.from_numpy(batch.advantages[rows]).to(new)
-            part = grpo_loss(new, old, advantages, tensors["completion_mask"], settings, ref, **totals)
-            part.backward()
-            loss += float(part.detach())
-            new_parts.append(new.detach().float().cpu().numpy())
-        stats = {"loss": loss, **policy_drift(np.concatenate(new_parts), batch.old_logprobs, batch.ref_logprobs,
+            part_loss = grpo_loss(new, old, advantages, tensors["completion_mask"], settings,
+                                  given(batch.ref_logprobs), **totals)
+            part_loss.backward()
+            loss += float(part_loss.detach())
+            new_logprobs[rows, columns] = new.detach().float().cpu().numpy()
+        stats = {"loss": loss, **policy_drift(new_logprobs, batch.old_logprobs, batch.ref_logprobs,
                                               tokens.completion_mask, settings.epsilon)}
         stats["grad_norm"] = self.optimizer_step(lr, settings.max_grad_norm, settings.weight_decay)
         return stats
@@ -133,6 +136,8 @@ class TorchBackend:
         save_model(self.model, self.tokenizer, folder)
         if self.optimizer is not None:
             save_optimizer_state(self.model, self.optimizer, folder)
+        elif self.saved_optimizer_state:  # loaded and not stepped since (GRPO steps without signal): passed on
+            write_optimizer_file(self.saved_optimizer_state, folder)
 
 
 class _AdapterDisabled:

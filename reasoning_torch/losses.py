@@ -13,16 +13,21 @@ def to_tensors(batch: TokenBatch, device: torch.device) -> dict[str, torch.Tenso
 
 
 def token_logprobs(model, tensors: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log-prob of token t given tokens < t, at the same positions generation used."""
+    """(B, T) log-prob of token t given tokens < t at completion positions (0 elsewhere), at the same
+    positions generation used."""
+    mask = tensors["completion_mask"]
+    first = max(int(mask.any(0).int().argmax()), 1)  # the first column holding a completion token
+    # logits from the column before it on: the prompt's vocabulary projections are never used
     logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                   position_ids=tensors["position_ids"]).logits[:, :-1]
-    targets = tensors["input_ids"][:, 1:]
-    rows = []
-    for row_logits, row_targets in zip(logits, targets):  # row by row: a 150k vocab would not fit at once
-        row_logits = row_logits.float() / temperature
-        rows.append(row_logits.gather(-1, row_targets[:, None]).squeeze(-1) - row_logits.logsumexp(-1))
-    logprobs = torch.stack(rows)
-    return torch.nn.functional.pad(logprobs, (1, 0)) * tensors["completion_mask"]
+                   position_ids=tensors["position_ids"], logits_to_keep=mask.shape[1] - first + 1).logits[:, :-1]
+    targets = tensors["input_ids"][:, first:]
+    # in row chunks of at most 2**24 logits: a 150k vocabulary would not fit at once
+    rows = max(1, 2**24 // (logits.shape[1] * logits.shape[2]))
+    parts = []
+    for part_logits, part_targets in zip(logits.split(rows), targets.split(rows)):
+        part_logits = part_logits.float() / temperature
+        parts.append(part_logits.gather(-1, part_targets[..., None]).squeeze(-1) - part_logits.logsumexp(-1))
+    return torch.nn.functional.pad(torch.cat(parts), (first, 0)) * mask
 
 
 def sft_loss(model, tensors: dict[str, torch.Tensor], total_tokens: int) -> torch.Tensor:

@@ -38,7 +38,11 @@ def save_optimizer_state(model, optimizer: torch.optim.AdamW, folder: Path) -> N
             step = state["step"]
     if tensors:
         tensors["step"] = torch.as_tensor(step, dtype=torch.float32).reshape(())
-        save_file(tensors, str(Path(folder) / OPTIMIZER_FILE))
+        write_optimizer_file(tensors, folder)
+
+
+def write_optimizer_file(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    save_file(tensors, str(Path(folder) / OPTIMIZER_FILE))
 
 
 def load_optimizer_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -29,9 +29,20 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, index: slice) -> "TokenBatch":
-        return TokenBatch(self.input_ids[index], self.attention_mask[index],
-                          self.position_ids[index], self.completion_mask[index])
+    def part(self, rows: np.ndarray, columns: slice) -> "TokenBatch":
+        return TokenBatch(*(array[rows][:, columns] for array in
+                            (self.input_ids, self.attention_mask, self.position_ids, self.completion_mask)))
+
+
+def micro_batches(attention_mask: np.ndarray, size: int) -> list[tuple[np.ndarray, slice]]:
+    """(rows, columns) of at most `size` rows each, rows sorted by where they end so that a group
+    pads little, and only the columns its rows use: a 50-token completion is not run at 200."""
+    used = attention_mask.astype(bool)
+    starts = used.argmax(1)
+    ends = used.shape[1] - used[:, ::-1].argmax(1)
+    order = np.argsort(ends, kind="stable")
+    groups = [order[i:i + size] for i in range(0, len(order), size)]
+    return [(rows, slice(int(starts[rows].min()), int(ends[rows].max()))) for rows in groups]
 
 
 def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
@@ -59,6 +70,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
     return ids, mask
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """(each prompt once, in order of first appearance; for each row, the index of its prompt there):
+    a GRPO group repeats its prompt G times, and its prefill need run once."""
+    first: dict[tuple[int, ...], int] = {}
+    index = np.array([first.setdefault(tuple(p), len(first)) for p in prompts])
+    return [list(p) for p in first], index
 
 
 def leading_padding(attention_mask: np.ndarray) -> np.ndarray:
@@ -92,6 +111,21 @@ class GRPOBatch:
     advantages: np.ndarray  # (B,)
     old_logprobs: np.ndarray | None  # (B, T); None: the batch was just sampled by this policy
     ref_logprobs: np.ndarray | None  # (B, T); needed when beta > 0
+    # the loss's normalisers come from every sampled sequence, also when only some rows are trained
+    sampled_sequences: int | None = None
+    sampled_completion_tokens: int | None = None
+
+    def loss_totals(self, max_completion_tokens: int) -> dict[str, int]:
+        return {"total_sequences": self.sampled_sequences or len(self.tokens),
+                "total_tokens": self.sampled_completion_tokens or int(self.tokens.completion_mask.sum()),
+                "max_completion_tokens": max_completion_tokens}
+
+
+def rows_with_signal(advantages: np.ndarray, beta: float) -> np.ndarray:
+    """The rows whose loss has a gradient. Without a KL term a zero advantage makes every token's
+    loss -min(r * 0, clip(r) * 0) = 0, so a group whose samples all scored the same teaches nothing."""
+    advantages = np.asarray(advantages)
+    return np.arange(len(advantages)) if beta else np.flatnonzero(advantages)
 
 
 class Backend(Protocol):

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared.backend import Backend, GRPOBatch, pack_batch
+from shared.backend import Backend, GRPOBatch, pack_batch, rows_with_signal
 from shared.config import GRPOConfig, SFTConfig
 from shared.data import Problem
 from shared.errors import DivergedError
@@ -107,21 +107,29 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
                 rewards.append(group_rewards)
                 components += group_components
             advantages = group_advantages(np.array(rewards), scale_by_std=config.loss_variant != "dr_grpo")
-            tokens = pack_batch(prompts, completions, tokenizer.pad_token_id)
+            advantages = advantages.ravel().astype(np.float32)
+            trained = rows_with_signal(advantages, config.beta)
             rollout_seconds = time.perf_counter() - began
-            ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta else None
-            old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 else None
-            batch = GRPOBatch(tokens, advantages.ravel().astype(np.float32), old, ref)
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
-            for _ in range(config.updates_per_batch):
-                stats = backend.grpo_step(batch, lr, config)
-                check_finite(backend, stats, "GRPO", step, "--grpo-lr")
+            stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}  # no signal: no update
+            if len(trained):
+                tokens = pack_batch([prompts[i] for i in trained], [completions[i] for i in trained],
+                                    tokenizer.pad_token_id)
+                ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta else None
+                old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 else None
+                batch = GRPOBatch(tokens, advantages[trained], old, ref, sampled_sequences=len(prompts),
+                                  sampled_completion_tokens=sum(len(c) for c in completions))
+                for _ in range(config.updates_per_batch):
+                    stats = backend.grpo_step(batch, lr, config)
+                    check_finite(backend, stats, "GRPO", step, "--grpo-lr")
             means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "reward": float(np.mean(rewards)), **means,
                  "completion_tokens": float(np.mean([len(c) for c in completions])),
-                 "rollout_s": rollout_seconds, "step_s": time.perf_counter() - began,
-                 "tokens_per_s": int(tokens.attention_mask.sum()) / (time.perf_counter() - began)})
+                 "trained_sequences": len(trained), "rollout_s": rollout_seconds,
+                 "step_s": time.perf_counter() - began,
+                 "tokens_per_s": sum(len(p) + len(c) for p, c in zip(prompts, completions)) /
+                 (time.perf_counter() - began)})
             bar.set_postfix(reward=f"{np.mean(rewards):.3f}", acc=f"{means['reward_correctness']:.2f}")
             bar.update()
             if on_step:

@@ -318,13 +318,53 @@ def test_a_diverging_sft_stops_with_one_line_and_saves_nothing(backend, cache_en
     assert not (tmp_path / "sft_final").exists()
 
 
-def test_a_diverging_grpo_keeps_the_sft_checkpoint(trained_run, mlx_lora_run, cache_env, tmp_path):
-    for budget, sft in ((TINY_BUDGET, trained_run[0] / "sft_final"), (MLX_LORA_BUDGET, mlx_lora_run / "sft_final")):
-        before = {p.name: p.read_bytes() for p in sft.iterdir()}
-        output = tmp_path / sft.parent.name
-        result = run_cli("train", "--mode", "grpo", *budget, "--sft-checkpoint", sft, "--grpo-lr", "1e30",
-                         "--output-dir", output, env_extra=cache_env)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert "error: GRPO diverged at step" in result.stderr.strip().splitlines()[-1]
-        assert not (output / "reasoning_final").exists()
-        assert {p.name: p.read_bytes() for p in sft.iterdir()} == before
+def poisoned_copy(folder: Path, target: Path) -> Path:
+    """The checkpoint with every weight set to inf, as a diverged update leaves it."""
+    import shutil
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    shutil.copytree(folder, target)
+    weights = target / "model.safetensors"
+    with safe_open(str(weights), "np") as handle:
+        metadata = handle.metadata()
+        tensors = {name: np.full_like(handle.get_tensor(name), np.inf) for name in handle.keys()}
+    save_file(tensors, str(weights), metadata=metadata)
+    return target
+
+
+def test_a_grpo_run_that_samples_from_diverged_weights_stops_and_keeps_its_input(trained_run, cache_env, tmp_path):
+    sft = poisoned_copy(trained_run[0] / "sft_final", tmp_path / "sft_final")
+    before = {p.name: p.read_bytes() for p in sft.iterdir()}
+    output = tmp_path / "grpo"
+    result = run_cli("train", "--mode", "grpo", *TINY_BUDGET, "--sft-checkpoint", sft, "--output-dir", output,
+                     env_extra=cache_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: GRPO diverged at step 1 (the model's next-token probabilities are not finite)")
+    assert not (output / "reasoning_final").exists()
+    assert {p.name: p.read_bytes() for p in sft.iterdir()} == before
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_a_diverging_grpo_update_stops_at_its_step(backend_name, tiny_model_dir, monkeypatch):
+    """lr 1e30 on an update that has a gradient: the untrained model's samples all score 0, so the
+    rewards alternate within each group here, and every row trains."""
+    import shared.training as training
+    from cli import make_backend
+    from shared.config import GRPOConfig, ModelConfig
+    from shared.data import generate_problems
+    from shared.errors import DivergedError
+
+    monkeypatch.setattr(training, "score_group", lambda texts, problem, config: (
+        [float(i % 2) for i in range(len(texts))], [training.reward_components(t, problem) for t in texts]))
+    backend = make_backend(backend_name)
+    backend.load(tiny_model_dir, ModelConfig(name="tiny", finetune="full"), trainable=True)
+    settings = GRPOConfig(num_prompts=4, group_size=2, prompts_per_step=2, lr=1e30, max_new_tokens=16, save_every=0)
+    records = []
+    # Adam's first step moves each weight by about lr: 1e30 is still finite, the next step's sampling is not
+    with pytest.raises(DivergedError, match=r"^GRPO diverged at step [12] ") as stopped:
+        training.train_grpo(backend, generate_problems(4, 0, held_out=False), settings, 0, records.append)
+    step = int(str(stopped.value).split()[4])
+    assert [r["step"] for r in records] == list(range(1, step))  # nothing ran or was logged after it

@@ -237,3 +237,38 @@ def test_whole_training_run_matches(tmp_path):
             assert abs(torch_run[stage][metric] - mlx_run[stage][metric]) <= 3 * np.sqrt(p * (1 - p) / 50) + 0.02
         assert mlx_run[stage]["mean_completion_tokens"] == pytest.approx(
             torch_run[stage]["mean_completion_tokens"], rel=0.15)
+
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+@pytest.mark.parametrize("backend_index", [0, 1], ids=["torch", "mlx"])
+def test_rows_without_signal_can_be_left_out(trained_dir, variant, backend_index):
+    """Training only the rows with a non-zero advantage, with the whole batch's normalisers, is the
+    same step as training them all (each backend); the normalisers of the part alone are not."""
+    settings = GRPOConfig(loss_variant=variant, max_new_tokens=64, max_grad_norm=1e9)
+    advantages = np.array([1.0, 0.0, -0.5, 0.0, 0.0, 2.0, 0.0, -1.0], np.float32)
+
+    def one_step(select_rows: bool, sampled_totals: bool = True) -> tuple[dict, np.ndarray]:
+        backend = both(trained_dir)[backend_index]
+        batch = sample_batch(backend.tokenizer)
+        if not select_rows:
+            return backend.grpo_step(GRPOBatch(batch, advantages, None, None), 1e-3, settings), embeddings(backend)
+        keep = np.flatnonzero(advantages)
+        totals = {"sampled_sequences": len(batch), "sampled_completion_tokens": int(batch.completion_mask.sum())}
+        part = pack_batch([list(r[m == 1]) for r, m in zip(batch.input_ids[keep], batch.attention_mask[keep] -
+                                                            batch.completion_mask[keep])],
+                          [list(r[m == 1]) for r, m in zip(batch.input_ids[keep], batch.completion_mask[keep])], PAD)
+        grpo_batch = GRPOBatch(part, advantages[keep], None, None, **(totals if sampled_totals else {}))
+        return backend.grpo_step(grpo_batch, 1e-3, settings), embeddings(backend)
+
+    def embeddings(backend) -> np.ndarray:
+        if backend_index == 0:
+            return backend.model.model.embed_tokens.weight.detach().numpy().copy()
+        return np.array(backend.model.model.embed_tokens.weight)
+
+    everything, selected, normalised_alone = one_step(False), one_step(True), one_step(True, sampled_totals=False)
+    assert selected[0]["loss"] == pytest.approx(everything[0]["loss"], abs=1e-6)
+    assert selected[0]["grad_norm"] == pytest.approx(everything[0]["grad_norm"], rel=1e-4)
+    # Adam divides by the gradient's size, so a weight whose gradient is rounding noise (1e-12 either way)
+    # may move by lr in either direction: a handful of such weights are allowed
+    assert np.mean(np.abs(selected[1] - everything[1]) > 1e-6) < 1e-4
+    assert normalised_alone[0]["grad_norm"] > 1.1 * everything[0]["grad_norm"]

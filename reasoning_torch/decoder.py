@@ -1,0 +1,128 @@
+"""A lean Qwen2 forward for sampling: transformers' Qwen2 math without its per-call overhead.
+
+Sampling calls the model once per generated token. On a small model that call is mostly Python
+overhead (masks rebuilt, cache objects, hooks), so generation runs through this decoder instead:
+the same weights as plain tensors (LoRA merged in for the rollout), q/k/v and gate/up fused into
+one matrix each, a preallocated KV cache and a precomputed rotary table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # q, k and v projections stacked: (H*D + 2*KV*D, hidden)
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # gate and up projections stacked: (2*intermediate, hidden)
+    down: torch.Tensor
+
+
+def linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) a linear layer applies now: a PEFT LoRA layer's active adapters merged in."""
+    base = getattr(module, "base_layer", module)
+    weight = base.weight
+    if hasattr(module, "get_delta_weight") and not module.disable_adapters and not module.merged:
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight, base.bias
+
+
+def supports(model) -> bool:
+    """Whether the decoder computes what this model computes: Qwen2, default RoPE, full attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    return (config.model_type == "qwen2" and rope.get("rope_type", "default") == "default"
+            and not getattr(config, "use_sliding_window", False) and config.hidden_act == "silu")
+
+
+class Qwen2Decoder:
+    """Prefill then one token at a time, for a fixed batch, with a KV cache of `capacity` positions."""
+
+    def __init__(self, model, batch_size: int, capacity: int):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embed = base.model.embed_tokens.weight
+        self.norm = base.model.norm.weight
+        self.lm_head = linear_weight(base.lm_head)[0]
+        self.layers = [self._layer(layer) for layer in base.model.layers]
+        dtype, device = self.embed.dtype, self.embed.device
+        shape = (batch_size, self.kv_heads, capacity, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.length = 0
+        theta = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        freqs = torch.arange(capacity, dtype=torch.float, device=device)[:, None] * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @staticmethod
+    def _layer(layer) -> LayerWeights:
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = [linear_weight(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
+        biases = [b for _, b in projections]
+        return LayerWeights(
+            input_norm=layer.input_layernorm.weight,
+            qkv=torch.cat([w for w, _ in projections]),
+            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+            out=linear_weight(attention.o_proj)[0],
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=torch.cat([linear_weight(mlp.gate_proj)[0], linear_weight(mlp.up_proj)[0]]),
+            down=linear_weight(mlp.down_proj)[0])
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # in float32 as transformers does, whatever the weights' dtype
+        return weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, V) after `ids` (B, T); `mask` covers every position so far, these included."""
+        batch, steps = ids.shape
+        start, end = self.length, self.length + steps
+        queries = torch.arange(start, end, device=ids.device)[:, None]
+        keys = torch.arange(end, device=ids.device)[None, :]
+        # a query sees the real keys up to itself; a padding query sees itself, so no row is all -inf
+        allowed = ((keys <= queries) & mask[:, None, :end].bool()) | (keys == queries)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        heads, kv_heads, half = self.heads, self.kv_heads, self.head_dim // 2
+        x = F.embedding(ids, self.embed)
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(self.rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+            qkv = qkv.view(batch, steps, heads + 2 * kv_heads, self.head_dim)
+            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE on q and k at once
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+            self.keys[index][:, :, start:end] = k
+            self.values[index][:, :, start:end] = v.transpose(1, 2)
+            attended = self.attend(q, self.keys[index][:, :, :end], self.values[index][:, :, :end], allowed)
+            x = x + F.linear(attended, layer.out)
+            gate, up = F.linear(self.rms_norm(x, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        self.length = end
+        return F.linear(self.rms_norm(x[:, -1], self.norm), self.lm_head)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows of the batch only."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention: q (B, H, Tq, D), k and v (B, KV, Tk, D); allowed (B, Tq, Tk)."""
+        batch, heads, steps, dim = q.shape
+        group = heads // self.kv_heads  # query head h reads key/value head h // group, as repeat_kv lays them out
+        scores = (q.reshape(batch, self.kv_heads, group * steps, dim) @ k.transpose(-1, -2)) * dim ** -0.5
+        scores = scores.view(batch, self.kv_heads, group, steps, -1).masked_fill(~allowed[:, None, None], float("-inf"))
+        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        out = weights.view(batch, self.kv_heads, group * steps, -1) @ v
+        return out.view(batch, heads, steps, dim).transpose(1, 2).reshape(batch, steps, heads * dim)

@@ -1,0 +1,85 @@
+"""The lean sampling decoder computes what transformers' Qwen2 computes: logits, LoRA, sampled tokens."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from shared.backend import left_pad
+from reasoning_torch.decoder import Qwen2Decoder, supports
+from reasoning_torch.generate import TransformersForward, generate
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # unequal: left padding on two rows
+STOPS = {3}
+
+
+def load(folder):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def with_lora(model):
+    """LoRA on every projection with random B: adapters that change the output."""
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(model, config).eval()
+
+
+def logits_along(forward, steps: int = 6, mask_override=None) -> list[torch.Tensor]:
+    """Prefill, then feed each row's greedy token `steps` times; the logits of every call."""
+    ids, mask = (torch.from_numpy(a) for a in left_pad(PROMPTS, 0))
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    seen = mask if mask_override is None else mask_override(mask)
+    outputs = [forward(ids, seen, positions)]
+    for _ in range(steps):
+        token = outputs[-1].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        seen = mask if mask_override is None else mask_override(mask)
+        positions = positions[:, -1:] + 1
+        outputs.append(forward(token[:, None], seen, positions))
+    return outputs
+
+
+@torch.no_grad()
+def test_logits_match_transformers_through_prefill_and_decoding(tiny_model_dir):
+    model = load(tiny_model_dir)
+    assert supports(model)
+    capacity = 7 + 6
+    lean = logits_along(Qwen2Decoder(model, len(PROMPTS), capacity))
+    reference = logits_along(TransformersForward(model))
+    for ours, theirs in zip(lean, reference):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # attending to the padding moves the padded rows' logits: the comparison can tell
+    broken = logits_along(Qwen2Decoder(model, len(PROMPTS), capacity), mask_override=torch.ones_like)
+    assert (broken[0][1] - reference[0][1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_active_lora_adapters_are_merged_and_disabled_ones_are_not(tiny_model_dir):
+    model = with_lora(load(tiny_model_dir))
+    reference = logits_along(TransformersForward(model))
+    for ours, theirs in zip(logits_along(Qwen2Decoder(model, len(PROMPTS), 13)), reference):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        base = logits_along(TransformersForward(model))
+        for ours, theirs in zip(logits_along(Qwen2Decoder(model, len(PROMPTS), 13)), base):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (base[0] - reference[0]).abs().max() > 1e-2  # the adapters matter, so the merge was tested
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampling_gives_the_same_tokens_on_both_paths(tiny_model_dir, temperature):
+    model = with_lora(load(tiny_model_dir))
+    rows = [generate(model, PROMPTS * 4, 40, temperature, STOPS, 0, torch.Generator().manual_seed(7), lean=lean)
+            for lean in (True, False)]
+    assert rows[0] == rows[1]
+    assert sum(len(row) for row in rows[0]) > len(rows[0])  # something was generated
+
+
+def test_other_architectures_sample_through_their_own_forward():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert not supports(model)
+    rows = generate(model, PROMPTS, 8, 1.0, STOPS, 0, torch.Generator().manual_seed(0))
+    assert len(rows) == len(PROMPTS) and all(1 <= len(row) <= 8 for row in rows)
