@@ -2,8 +2,8 @@
 
 Sampling calls the model once per generated token. On a small model that call is mostly Python
 overhead (masks rebuilt, cache objects, hooks), so generation runs through this decoder instead:
-the same weights as plain tensors (LoRA merged in for the rollout), q/k/v and gate/up fused into
-one matrix each, a preallocated KV cache and a precomputed rotary table.
+the same weights as plain tensors (LoRA merged in for the rollout), q/k/v fused into one matrix,
+a preallocated KV cache and a precomputed rotary table.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None
     out: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # gate and up projections stacked: (2*intermediate, hidden)
+    gate: torch.Tensor  # kept apart from up: stacking them would copy the largest matrices of the model
+    up: torch.Tensor
     down: torch.Tensor
 
 
@@ -79,7 +80,7 @@ class Qwen2Decoder:
             qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
             out=linear_weight(attention.o_proj)[0],
             post_norm=layer.post_attention_layernorm.weight,
-            gate_up=torch.cat([linear_weight(mlp.gate_proj)[0], linear_weight(mlp.up_proj)[0]]),
+            gate=linear_weight(mlp.gate_proj)[0], up=linear_weight(mlp.up_proj)[0],
             down=linear_weight(mlp.down_proj)[0])
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,8 @@ class Qwen2Decoder:
             self.values[index][:, :, start:end] = v.transpose(1, 2)
             attended = self.attend(q, self.keys[index][:, :, :end], self.values[index][:, :, :end], allowed)
             x = x + F.linear(attended, layer.out)
-            gate, up = F.linear(self.rms_norm(x, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            normed = self.rms_norm(x, layer.post_norm)
+            x = x + F.linear(F.silu(F.linear(normed, layer.gate)) * F.linear(normed, layer.up), layer.down)
         self.length = end
         return F.linear(self.rms_norm(x[:, -1], self.norm), self.lm_head)
 
