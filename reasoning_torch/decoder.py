@@ -40,9 +40,13 @@ def supports(model) -> bool:
     """Whether the decoder computes what this model computes: Qwen2, default RoPE, full attention."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    rope = getattr(config, "rope_parameters", None) or {}
-    return (config.model_type == "qwen2" and rope.get("rope_type", "default") == "default"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return (config.model_type == "qwen2" and rope.get("rope_type", rope.get("type", "default")) == "default"
             and not getattr(config, "use_sliding_window", False) and config.hidden_act == "silu")
+
+
+def rope_theta(config) -> float:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 10000.0)
 
 
 class Qwen2Decoder:
@@ -63,8 +67,7 @@ class Qwen2Decoder:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.length = 0
-        theta = config.rope_parameters["rope_theta"]
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        inv_freq = 1.0 / (rope_theta(config) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
         freqs = torch.arange(capacity, dtype=torch.float, device=device)[:, None] * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
