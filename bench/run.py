@@ -145,7 +145,7 @@ def mlx_lm_sft(steps: int, finetune: str) -> dict:
     return {"tokens_per_s": per_step * len(seconds) / sum(seconds)}
 
 
-def ours_grpo(steps: int, model: str) -> dict:
+def ours_grpo(steps: int, policy: str) -> dict:
     from cli import make_backend
     from shared.config import build_run_config
     from shared.training import train_grpo
@@ -153,7 +153,7 @@ def ours_grpo(steps: int, model: str) -> dict:
     config = build_run_config({"model": {"name": "tiny"}}, {})
     config.grpo.save_every = 0
     backend = make_backend("torch")
-    backend.load(Path(model), config.model, trainable=True)
+    backend.load(Path(policy), config.model, trainable=True)
     records = []
     train_grpo(backend, problems(GRPO_PROMPTS * (steps + 1), seed=1), config.grpo, 0, records.append)
     durations = [r["step_s"] for r in records][1:]
@@ -162,7 +162,7 @@ def ours_grpo(steps: int, model: str) -> dict:
             "trained": sum(r["trained_sequences"] for r in records) / (len(records) * GRPO_PROMPTS * GROUP)}
 
 
-def trl_grpo(steps: int, model: str) -> dict:
+def trl_grpo(steps: int, policy: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,9 +171,8 @@ def trl_grpo(steps: int, model: str) -> dict:
     from shared.prompts import stop_token_ids
     from shared.rewards import RewardWeights, combined_reward, reward_components
 
-    folder = model
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))  # ours stops there, TRL reads this
     items = problems(GRPO_PROMPTS * (steps + 1), seed=1)
     by_prompt = {p.prompt: p for p in items}
@@ -319,8 +318,8 @@ def step_timer():
     return StepTimer()
 
 
-WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft, "ours_grpo": ours_grpo,
-           "trl_grpo": trl_grpo, "ours_rollout": ours_rollout, "hf_generate": hf_generate,
+WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft,
+           "ours_grpo": ours_grpo, "trl_grpo": trl_grpo, "ours_rollout": ours_rollout, "hf_generate": hf_generate,
            "mlx_lm_generate": mlx_lm_generate}
 
 
@@ -355,8 +354,8 @@ def measure(quick: bool) -> list[dict]:
         rows.append(row(f"SFT tokens/s, tiny, {finetune}: ours (MLX) vs mlx_lm.lora", ours["tokens_per_s"],
                         peer["tokens_per_s"], "tokens/s", 1.0, False))
     policy = run_worker("sft_policy")["folder"]
-    ours = run_worker("ours_grpo", steps=grpo_steps, model=policy)
-    trl = run_worker("trl_grpo", steps=grpo_steps, model=policy)
+    ours = run_worker("ours_grpo", steps=grpo_steps, policy=policy)
+    trl = run_worker("trl_grpo", steps=grpo_steps, policy=policy)
     rows.append(row(f"GRPO step, tiny after {GRPO_START_SFT_STEPS} SFT steps, {GRPO_PROMPTS} prompts x G={GROUP}, "
                     f"≤ {MAX_NEW} tokens (mean {ours['completion_tokens']:.0f} ours, {trl['completion_tokens']:.0f} "
                     f"TRL; {ours['trained']:.0%} of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer",
