@@ -36,10 +36,14 @@ def linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, base.bias
 
 
+def base_model(model):
+    """The transformers model under a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supports(model) -> bool:
     """Whether the decoder computes what this model computes: Qwen2, default RoPE, full attention."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+    config = base_model(model).config
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     return (config.model_type == "qwen2" and rope.get("rope_type", rope.get("type", "default")) == "default"
             and not getattr(config, "use_sliding_window", False) and config.hidden_act == "silu")
@@ -53,7 +57,7 @@ class Qwen2Decoder:
     """Prefill then one token at a time, for a fixed batch, with a KV cache of `capacity` positions."""
 
     def __init__(self, model, batch_size: int, capacity: int):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         config = base.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -67,7 +71,8 @@ class Qwen2Decoder:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.length = 0
-        inv_freq = 1.0 / (rope_theta(config) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        inv_freq = 1.0 / rope_theta(config) ** exponents
         freqs = torch.arange(capacity, dtype=torch.float, device=device)[:, None] * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
