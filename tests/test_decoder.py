@@ -1,15 +1,16 @@
-"""The lean sampling decoder computes what transformers' Qwen2 computes: logits, LoRA, sampled tokens."""
+"""The lean sampling decoder computes what transformers' Qwen2 and Llama compute: logits, LoRA, sampled tokens."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from shared.backend import left_pad
-from reasoning_torch.decoder import Qwen2Decoder, supports
+from reasoning_torch.decoder import LeanDecoder, supports
 from reasoning_torch.generate import TransformersForward, generate
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # unequal: left padding on two rows
 STOPS = {3}
+ARCHITECTURES = pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_llama_dir"])  # Qwen2, Llama
 
 
 def load(folder):
@@ -39,36 +40,39 @@ def logits_along(forward, steps: int = 6, mask_override=None) -> list[torch.Tens
     return outputs
 
 
+@ARCHITECTURES
 @torch.no_grad()
-def test_logits_match_transformers_through_prefill_and_decoding(tiny_model_dir):
-    model = load(tiny_model_dir)
+def test_logits_match_transformers_through_prefill_and_decoding(model_dir, request):
+    model = load(request.getfixturevalue(model_dir))
     assert supports(model)
     capacity = 7 + 6
-    lean = logits_along(Qwen2Decoder(model, len(PROMPTS), capacity))
+    lean = logits_along(LeanDecoder(model, len(PROMPTS), capacity))
     reference = logits_along(TransformersForward(model))
     for ours, theirs in zip(lean, reference):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     # attending to the padding moves the padded rows' logits: the comparison can tell
-    broken = logits_along(Qwen2Decoder(model, len(PROMPTS), capacity), mask_override=torch.ones_like)
+    broken = logits_along(LeanDecoder(model, len(PROMPTS), capacity), mask_override=torch.ones_like)
     assert (broken[0][1] - reference[0][1]).abs().max() > 1e-3
 
 
+@ARCHITECTURES
 @torch.no_grad()
-def test_active_lora_adapters_are_merged_and_disabled_ones_are_not(tiny_model_dir):
-    model = with_lora(load(tiny_model_dir))
+def test_active_lora_adapters_are_merged_and_disabled_ones_are_not(model_dir, request):
+    model = with_lora(load(request.getfixturevalue(model_dir)))
     reference = logits_along(TransformersForward(model))
-    for ours, theirs in zip(logits_along(Qwen2Decoder(model, len(PROMPTS), 13)), reference):
+    for ours, theirs in zip(logits_along(LeanDecoder(model, len(PROMPTS), 13)), reference):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
         base = logits_along(TransformersForward(model))
-        for ours, theirs in zip(logits_along(Qwen2Decoder(model, len(PROMPTS), 13)), base):
+        for ours, theirs in zip(logits_along(LeanDecoder(model, len(PROMPTS), 13)), base):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert (base[0] - reference[0]).abs().max() > 1e-2  # the adapters matter, so the merge was tested
 
 
+@ARCHITECTURES
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_sampling_gives_the_same_tokens_on_both_paths(tiny_model_dir, temperature):
-    model = with_lora(load(tiny_model_dir))
+def test_sampling_gives_the_same_tokens_on_both_paths(model_dir, temperature, request):
+    model = with_lora(load(request.getfixturevalue(model_dir)))
     rows = [generate(model, PROMPTS * 4, 40, temperature, STOPS, 0, torch.Generator().manual_seed(7), lean=lean)
             for lean in (True, False)]
     assert rows[0] == rows[1]
@@ -77,7 +81,7 @@ def test_sampling_gives_the_same_tokens_on_both_paths(tiny_model_dir, temperatur
 
 def test_other_architectures_sample_through_their_own_forward():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+                         num_attention_heads=4, num_key_value_heads=2, mlp_bias=True)  # a bias the decoder lacks
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     assert not supports(model)

@@ -210,6 +210,20 @@ def test_greedy_decoding_matches(trained_dir):
     assert mlx_backend.generate(prompts, 32, temperature=0.0) != expected
 
 
+def test_mlx_groups_prefilled_once_and_finished_rows_dropped_decode_each_row_as_alone(trained_dir):
+    from reasoning_mlx.generate import generate
+
+    _, mlx_backend = both(trained_dir, trainable=False)
+    tokenizer = mlx_backend.tokenizer
+    prompts = encode_prompts(tokenizer, [Problem((7, 5)), Problem((23, 15, 8)), Problem((12, 34, 56, 78))])
+    stops = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    batched = generate(mlx_backend.model, [p for p in prompts for _ in range(4)] + prompts[:1], 80, 0.0, stops,
+                       PAD, 0)
+    alone = [generate(mlx_backend.model, [p], 80, 0.0, stops, PAD, 0)[0] for p in prompts]
+    assert batched == [row for row in alone for _ in range(4)] + alone[:1]
+    assert len({len(row) for row in alone}) > 1  # rows finished at different steps, so some were dropped
+
+
 def test_whole_training_run_matches(tmp_path):
     """`train --mode full` on a tiny budget: the same SFT loss curve, the same evaluation within noise.
 

