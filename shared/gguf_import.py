@@ -23,7 +23,7 @@ BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 INSTALL_GGUF = "pip install gguf"
-# the types the gguf package dequantizes in numpy and that we have checked against transformers' loader
+# the types the gguf package dequantizes in numpy (the tests write F32, Q8_0 and Q4_1; SmolLM2 ships Q4_1 and Q8_0)
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
