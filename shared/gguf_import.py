@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import UserError
-from shared.tensor_files import Tensor, write_tensors
+from shared.conversion import write_full_model
+from shared.tensor_files import Tensor
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TOP_LEVEL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -147,8 +148,7 @@ def import_gguf(path: Path, folder: Path) -> dict:
     tied = "lm_head.weight" not in tensors
     config = model_config(reader, architecture, tied, tensors)
     folder = Path(folder)
-    write_tensors(folder / "model.safetensors", tensors, {"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_full_model(folder, tensors, config, "torch")
     write_tokenizer(path, folder, config["max_position_embeddings"])
     eos = [i for i in {config["eos_token_id"]} if i is not None]
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": config["pad_token_id"]}
