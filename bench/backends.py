@@ -24,12 +24,13 @@ sys.path.insert(0, str(ROOT))
 def measure(backend_name: str, repeats: int) -> dict[str, float]:
     import numpy as np
 
-    from cli import make_backend
-    from shared.backend import GRPOBatch, pack_batch
+    from shared.backend import GRPOBatch
     from shared.config import build_run_config
     from shared.data import generate_problems
+    from shared.padding import pack_batch
     from shared.pipeline import resolve_model
     from shared.prompts import encode_prompts, encode_targets
+    from backends import make_backend
 
     config = build_run_config({"model": {"name": "tiny"}}, {})
     backend = make_backend(backend_name)
@@ -54,7 +55,7 @@ def measure(backend_name: str, repeats: int) -> dict[str, float]:
     grpo_batch = GRPOBatch(pack_batch(prompts, completions, tokenizer.pad_token_id),
                            np.random.default_rng(0).normal(size=len(prompts)).astype(np.float32), None, None)
     return {
-        "SFT step (32 sequences)": timed(lambda: backend.sft_step(sft_batch, 1e-4, 1.0, 0.0)),
+        "SFT step (32 sequences)": timed(lambda: backend.sft_step(sft_batch, 1e-4, config.sft)),
         "sampling (128 x 200 tokens)": timed(lambda: backend.generate(prompts, seed=0, **never_stop)),
         "GRPO step (128 sequences)": timed(lambda: backend.grpo_step(grpo_batch, 1e-6, config.grpo)),
     }

@@ -81,10 +81,10 @@ def after_warmup(durations: list[float], tokens: list[int], warmup: int) -> floa
 
 def ours_sft(backend_name: str, steps: int, finetune: str = "full", model: str | None = None,
              batch_size: int = SFT_BATCH) -> dict:
-    from cli import make_backend
-    from shared.backend import pack_batch
-    from shared.config import ModelConfig
+    from shared.config import ModelConfig, SFTConfig
+    from shared.padding import pack_batch
     from shared.prompts import encode_prompts, encode_targets
+    from backends import make_backend
 
     backend = make_backend(backend_name)
     backend.load(Path(model) if model else tiny_folder(),
@@ -96,7 +96,7 @@ def ours_sft(backend_name: str, steps: int, finetune: str = "full", model: str |
         chosen = data[step * batch_size:(step + 1) * batch_size]
         batch = pack_batch(encode_prompts(tokenizer, chosen), encode_targets(tokenizer, chosen), tokenizer.pad_token_id)
         began = time.perf_counter()
-        backend.sft_step(batch, LR if finetune == "full" else 2e-4, 1.0, 0.0)
+        backend.sft_step(batch, LR if finetune == "full" else 2e-4, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
         durations.append(time.perf_counter() - began)
         tokens.append(int(batch.attention_mask.sum()))
     return {"tokens_per_s": after_warmup(durations, tokens, 1), "peak_rss_gb": peak_memory_gb()}
@@ -163,9 +163,9 @@ def mlx_lm_sft(steps: int, finetune: str, model: str | None = None, batch_size: 
 
 def ours_grpo(steps: int, policy: str, preset: str = "tiny") -> dict:
     """GRPO steps with the preset's settings (the smollm2 preset trains new LoRA adapters on the policy)."""
-    from cli import make_backend
     from shared.config import build_run_config
     from shared.training import train_grpo
+    from backends import make_backend
 
     config = build_run_config({"model": {"name": preset}}, {})
     config.grpo.save_every = 0
@@ -173,7 +173,9 @@ def ours_grpo(steps: int, policy: str, preset: str = "tiny") -> dict:
     backend.load(Path(policy), config.model, trainable=True)
     records = []
     per_step = config.grpo.prompts_per_step * config.grpo.group_size
-    train_grpo(backend, problems(config.grpo.prompts_per_step * (steps + 1), seed=1), config.grpo, 0, records.append)
+    for _ in train_grpo(backend, problems(config.grpo.prompts_per_step * (steps + 1), seed=1), config.grpo, 0,
+                        records.append):
+        pass
     durations = [r["step_s"] for r in records][1:]
     return {"step_s": sum(durations) / len(durations),
             "completion_tokens": sum(r["completion_tokens"] for r in records) / len(records),
@@ -221,17 +223,19 @@ def sft_policy(steps: int = GRPO_START_SFT_STEPS) -> dict:
     format but is still often wrong, so rewards differ within groups, as when GRPO is worth running."""
     folder = Path(f"/tmp/bench_tiny_sft_{steps}")
     if not (folder / "model.safetensors").exists():
-        from cli import make_backend
         from shared.checkpoints import save_checkpoint
         from shared.config import build_run_config
         from shared.training import train_sft
+        from backends import make_backend
 
         config = build_run_config({"model": {"name": "tiny"}}, {})
         config.sft.save_every = 0
         backend = make_backend("torch")
         backend.seed(0)
         backend.load(tiny_folder(), config.model, trainable=True)
-        train_sft(backend, problems(config.sft.batch_size * steps, seed=3), config.sft, 0, lambda record: None)
+        for _ in train_sft(backend, problems(config.sft.batch_size * steps, seed=3), config.sft, 0,
+                           lambda record: None):
+            pass
         save_checkpoint(backend, folder, config.to_json())
     return {"folder": str(folder)}
 
@@ -243,17 +247,19 @@ def smollm2_sft_policy(steps: int = SMOLLM2_SFT_STEPS) -> dict:
     if not (folder / "model.safetensors").exists():
         import shutil
 
-        from cli import make_backend
         from shared.checkpoints import save_checkpoint
         from shared.config import build_run_config
         from shared.conversion import ConversionRequest, convert_checkpoint
         from shared.training import train_sft
+        from backends import make_backend
 
         config = build_run_config({"model": {"name": "smollm2"}}, {})
         backend = make_backend("torch")
         backend.seed(0)
         backend.load(Path(smollm2_folder()), config.model, trainable=True)
-        train_sft(backend, problems(config.sft.batch_size * steps, seed=3), config.sft, 0, lambda record: None)
+        for _ in train_sft(backend, problems(config.sft.batch_size * steps, seed=3), config.sft, 0,
+                           lambda record: None):
+            pass
         adapter = folder.with_name(folder.name + "-adapter")
         save_checkpoint(backend, adapter, config.to_json())
         shutil.rmtree(folder, ignore_errors=True)
@@ -263,9 +269,9 @@ def smollm2_sft_policy(steps: int = SMOLLM2_SFT_STEPS) -> dict:
 
 def ours_rollout(backend_name: str, rows: int, max_new: int, model: str | None = None) -> dict:
     """Sampling at T=1 from distinct prompts (as evaluation does; GRPO's groups repeat theirs, which we prefill once)."""
-    from cli import make_backend
     from shared.config import ModelConfig
     from shared.prompts import encode_prompts
+    from backends import make_backend
 
     backend = make_backend(backend_name)
     backend.load(Path(model) if model else tiny_folder(), ModelConfig(name="tiny", finetune="full"), trainable=False)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import make_backend, setup_logging  # noqa: E402
 from shared.config import build_run_config  # noqa: E402
 from shared.data import generate_problems  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
 from shared.pipeline import resolve_model  # noqa: E402
+from shared.progress import setup_logging  # noqa: E402
 from shared.training import train_grpo, train_sft  # noqa: E402
+from backends import make_backend  # noqa: E402
 
 TARGETS = (0.90, 0.97)
 
@@ -48,26 +49,24 @@ def main() -> None:
     curve: list[dict] = []
     clock = {"training_s": 0.0, "since": time.perf_counter()}
 
-    def checkpoint(phase: str, every: int):
-        def on_step(step: int) -> None:
-            if step % every:
-                return
-            clock["training_s"] += time.perf_counter() - clock["since"]
-            accuracy = evaluate(backend, held_out, config.eval, label="eval").accuracy
-            curve.append({"phase": phase, "step": step, "minutes": clock["training_s"] / 60, "accuracy": accuracy})
-            print(f"{phase:4s} step {step:5d}  {clock['training_s'] / 60:5.2f} min  accuracy {accuracy:.1%}", flush=True)
-            if args.stop_at and accuracy >= args.stop_at:
-                raise TargetReached
-            clock["since"] = time.perf_counter()
-        return on_step
+    def after_step(phase: str, step: int, every: int) -> None:
+        if step % every:
+            return
+        clock["training_s"] += time.perf_counter() - clock["since"]
+        accuracy = evaluate(backend, held_out, config.eval, label="eval").accuracy
+        curve.append({"phase": phase, "step": step, "minutes": clock["training_s"] / 60, "accuracy": accuracy})
+        print(f"{phase:4s} step {step:5d}  {clock['training_s'] / 60:5.2f} min  accuracy {accuracy:.1%}", flush=True)
+        if args.stop_at and accuracy >= args.stop_at:
+            raise TargetReached
+        clock["since"] = time.perf_counter()
 
     try:
         sft_problems = generate_problems(config.sft.num_samples, config.seed, held_out=False)
-        train_sft(backend, sft_problems, config.sft, config.seed, lambda record: None,
-                  checkpoint("sft", args.eval_every))
+        for step in train_sft(backend, sft_problems, config.sft, config.seed, lambda record: None):
+            after_step("sft", step, args.eval_every)
         grpo_problems = generate_problems(config.grpo.num_prompts, config.seed + 1, held_out=False)
-        train_grpo(backend, grpo_problems, config.grpo, config.seed, lambda record: None,
-                   checkpoint("grpo", max(1, args.eval_every // 10)))
+        for step in train_grpo(backend, grpo_problems, config.grpo, config.seed, lambda record: None):
+            after_step("grpo", step, max(1, args.eval_every // 10))
     except TargetReached:
         pass
 

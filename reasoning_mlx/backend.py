@@ -10,10 +10,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from shared.backend import GRPOBatch, TokenBatch, leading_padding, roll_rows
-from shared.config import GRPOConfig, ModelConfig
+from shared.backend import GRPOBatch
+from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.grpo import policy_drift
+from shared.padding import TokenBatch
 from shared.prompts import stop_token_ids
+from reasoning_mlx.batching import right_padded, roll_rows
 from reasoning_mlx.generate import generate
 from reasoning_mlx.losses import grpo_loss, token_logprobs
 from reasoning_mlx.model import LoadedModel, load_model, save_model, set_lora_scale
@@ -55,7 +57,7 @@ class MLXBackend:
         shifts, ids, mask = right_padded(batch)
         chunks = []
         with self.reference_policy() if reference else nullcontext():
-            for rows in self.micro_batches(len(batch)):
+            for rows in self.row_slices(len(batch)):
                 logprobs = token_logprobs(self.model, mx.array(ids[rows]), temperature) * mx.array(mask[rows])
                 chunks.append(np.array(logprobs))
         return roll_rows(np.concatenate(chunks), -shifts)
@@ -77,31 +79,33 @@ class MLXBackend:
         finally:
             self.model.update(current)
 
-    def micro_batches(self, size: int):
-        for start in range(0, size, self.micro_batch_size):
+    def row_slices(self, count: int):
+        """One slice of rows per micro-batch."""
+        for start in range(0, count, self.micro_batch_size):
             yield slice(start, start + self.micro_batch_size)
 
-    def accumulate(self, loss_fn, micro_batches) -> tuple[float, dict, list[np.ndarray]]:
+    def accumulate(self, loss_fn, inputs) -> tuple[float, dict, list[np.ndarray]]:
         """Summed loss and gradients over micro-batches, each evaluated before the next (bounded memory).
 
         `loss_fn` returns (loss, per-token log-probs); the log-probs come back as numpy for statistics.
         """
         value_and_grad = nn.value_and_grad(self.model, loss_fn)
         total, gradients, logprobs = 0.0, None, []
-        for inputs in micro_batches:
-            (loss, part_logprobs), grads = value_and_grad(*inputs)
+        for part in inputs:
+            (loss, part_logprobs), grads = value_and_grad(*part)
             gradients = grads if gradients is None else tree_map(mx.add, gradients, grads)
             mx.eval(loss, gradients, part_logprobs)
             total += loss.item()
             logprobs.append(np.array(part_logprobs))
         return total, gradients, logprobs
 
-    def optimizer_step(self, gradients: dict, lr: float, max_grad_norm: float, weight_decay: float) -> float:
+    def apply_gradients(self, gradients: dict, lr: float, settings: SFTConfig | GRPOConfig) -> float:
+        """Clip `gradients`, step AdamW with them; returns the norm before clipping."""
         if self.optimizer is None:
-            self.optimizer = make_optimizer(self.model, lr, weight_decay, self.saved_optimizer_state)
+            self.optimizer = make_optimizer(self.model, lr, settings.weight_decay, self.saved_optimizer_state)
         self.optimizer.learning_rate = lr
-        self.optimizer.weight_decay = weight_decay
-        gradients, grad_norm = optim.clip_grad_norm(gradients, max_grad_norm)
+        self.optimizer.weight_decay = settings.weight_decay
+        gradients, grad_norm = optim.clip_grad_norm(gradients, settings.max_grad_norm)
         self.optimizer.update(self.model, gradients)
         mx.eval(self.model.parameters(), self.optimizer.state)
         return grad_norm.item()
@@ -109,7 +113,7 @@ class MLXBackend:
     def weights_are_finite(self) -> bool:
         return all(mx.isfinite(value).all().item() for _, value in tree_flatten(self.model.trainable_parameters()))
 
-    def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> dict:
+    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig) -> dict:
         _, ids, mask = right_padded(batch)
         total_tokens = int(mask.sum())
 
@@ -117,9 +121,9 @@ class MLXBackend:
             logprobs = token_logprobs(self.model, ids_part) * mask_part
             return -logprobs.sum() / total_tokens, logprobs
 
-        inputs = ((mx.array(ids[rows]), mx.array(mask[rows])) for rows in self.micro_batches(len(batch)))
+        inputs = ((mx.array(ids[rows]), mx.array(mask[rows])) for rows in self.row_slices(len(batch)))
         loss, gradients, _ = self.accumulate(loss_fn, inputs)
-        return {"loss": loss, "grad_norm": self.optimizer_step(gradients, lr, max_grad_norm, weight_decay)}
+        return {"loss": loss, "grad_norm": self.apply_gradients(gradients, lr, settings)}
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict:
         tokens = batch.tokens
@@ -137,10 +141,10 @@ class MLXBackend:
             return None if array is None else mx.array(array[rows])
 
         inputs = ((mx.array(ids[rows]), mx.array(mask[rows]), part(old, rows), part(ref, rows),
-                   mx.array(batch.advantages[rows], dtype=mx.float32)) for rows in self.micro_batches(len(tokens)))
+                   mx.array(batch.advantages[rows], dtype=mx.float32)) for rows in self.row_slices(len(tokens)))
         loss, gradients, new = self.accumulate(loss_fn, inputs)
         stats = {"loss": loss, **policy_drift(np.concatenate(new), old, ref, mask, settings.epsilon)}
-        stats["grad_norm"] = self.optimizer_step(gradients, lr, settings.max_grad_norm, settings.weight_decay)
+        stats["grad_norm"] = self.apply_gradients(gradients, lr, settings)
         return stats
 
     def save(self, folder: Path) -> None:
@@ -149,9 +153,3 @@ class MLXBackend:
             save_optimizer_state(self.optimizer, folder)
         elif self.saved_optimizer_state:  # loaded and not stepped since (GRPO steps without signal): passed on
             write_optimizer_file(self.saved_optimizer_state, folder)
-
-
-def right_padded(batch: TokenBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(shifts, ids, completion mask) with every row rolled to start at column 0 (see roll_rows)."""
-    shifts = leading_padding(batch.attention_mask)
-    return shifts, roll_rows(batch.input_ids, shifts), roll_rows(batch.completion_mask, shifts).astype(np.float32)

@@ -5,7 +5,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from shared.backend import distinct_prompts, leading_padding, left_pad, trim_completion
+from shared.padding import distinct_prompts, left_pad, trim_completion
+from reasoning_mlx.batching import leading_padding
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,

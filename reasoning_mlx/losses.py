@@ -1,13 +1,15 @@
 """Per-token log-probs, the SFT loss and the GRPO loss, mirroring shared/grpo.py in mlx ops.
 
-Batches arrive right-padded (see shared.backend.roll_rows): mlx-lm models take no attention mask,
+Batches arrive right-padded (see reasoning_mlx.batching.roll_rows): mlx-lm models take no attention mask,
 and with every row starting at position 0 plain causal attention is all a row needs.
 """
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from shared.config import GRPOConfig
+from shared.grpo import token_weights
 
 
 def token_logprobs(model, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
@@ -21,7 +23,7 @@ def token_logprobs(model, input_ids: mx.array, temperature: float = 1.0) -> mx.a
 def grpo_loss(new_logprobs: mx.array, old_logprobs: mx.array, advantages: mx.array, mask: mx.array,
               settings: GRPOConfig, ref_logprobs: mx.array | None,
               total_sequences: int, total_tokens: int, max_completion_tokens: int) -> mx.array:
-    """shared.grpo.grpo_loss in mlx; totals are the whole batch's so micro-batches add up exactly."""
+    """shared.grpo.grpo_loss in mlx: the per-token loss, weighted by shared.grpo.token_weights."""
     ratio = mx.exp(new_logprobs - old_logprobs)
     clipped = mx.clip(ratio, 1 - settings.epsilon, 1 + settings.epsilon)
     advantages = advantages[:, None]
@@ -29,10 +31,6 @@ def grpo_loss(new_logprobs: mx.array, old_logprobs: mx.array, advantages: mx.arr
     if settings.beta:
         delta = ref_logprobs - new_logprobs
         per_token = per_token + settings.beta * (mx.exp(delta) - delta - 1)
-    if settings.loss_variant == "grpo":
-        return ((per_token * mask).sum(1) / mx.maximum(mask.sum(1), 1)).sum() / total_sequences
-    if settings.loss_variant == "dapo":
-        return (per_token * mask).sum() / max(total_tokens, 1)
-    if settings.loss_variant == "dr_grpo":
-        return (per_token * mask).sum() / (total_sequences * max_completion_tokens)
-    raise ValueError(f"unknown loss variant {settings.loss_variant!r}")
+    weights = token_weights(np.array(mask), settings.loss_variant, total_sequences, total_tokens,
+                            max_completion_tokens)
+    return (per_token * mx.array(weights)).sum()

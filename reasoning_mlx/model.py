@@ -10,11 +10,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load as mlx_load, save_config, save_model as save_weights
 
-from shared.checkpoints import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, checkpoint_kind,
-                                rope_fields_for_older_readers)
-from shared.conversion import checked_adapter_base
+from shared.layouts import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, check_backend_reads, checkpoint_kind,
+                            rope_fields_for_older_readers)
 from shared.config import ModelConfig
 from shared.errors import UserError
+from shared.manifest import checked_adapter_base
 from shared.prompts import load_tokenizer, stop_token_ids
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -43,9 +43,7 @@ def load_model(path: str | Path, config: ModelConfig, trainable: bool) -> Loaded
     """A full folder, a hub id, or an mlx-lm adapter folder naming its base; LoRA added if asked."""
     path = Path(path) if Path(path).exists() else path
     kind = checkpoint_kind(path) if isinstance(path, Path) else "full"
-    if kind == "peft":
-        raise UserError(f"{path} is a PEFT (PyTorch) LoRA adapter: use --backend torch, "
-                        f"or python cli.py convert {path} --to mlx")
+    check_backend_reads(path, kind, "mlx")
     base = checked_adapter_base(path) if kind == "mlx_lora" else str(path)
     base_config = Path(base) / "config.json"
     overrides = rope_fields_for_older_readers(json.loads(base_config.read_text())) if base_config.exists() else {}

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.backend import GRPOBatch, TokenBatch, micro_batches
-from shared.config import GRPOConfig, ModelConfig
+from shared.backend import GRPOBatch
+from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.grpo import policy_drift
+from shared.padding import TokenBatch
 from shared.prompts import stop_token_ids
+from reasoning_torch.batching import micro_batches
 from reasoning_torch.generate import generate
 from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
 from reasoning_torch.model import load_model, pick_device, save_model
@@ -66,7 +68,7 @@ class TorchBackend:
         model = self.reference_model() if reference else self.model
         logprobs = np.zeros(batch.input_ids.shape, dtype=np.float32)
         with self.autocast():
-            for rows, columns, part in self.micro_batches(batch):
+            for rows, columns, part in self.parts(batch):
                 part_logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
                 logprobs[rows, columns] = part_logprobs.float().cpu().numpy()
         return logprobs
@@ -79,18 +81,19 @@ class TorchBackend:
             self.set_reference()
         return self.reference
 
-    def micro_batches(self, batch: TokenBatch):
-        """(rows, columns, that part of the batch) in micro-batches of rows of similar length."""
+    def parts(self, batch: TokenBatch):
+        """(rows, columns, that part of the batch) for each micro-batch (rows of similar length)."""
         for rows, columns in micro_batches(batch.attention_mask, self.micro_batch_size):
             yield rows, columns, batch.part(rows, columns)
 
-    def optimizer_step(self, lr: float, max_grad_norm: float, weight_decay: float) -> float:
+    def optimizer_step(self, lr: float, settings: SFTConfig | GRPOConfig) -> float:
+        """Clip the accumulated gradients, step AdamW and clear them; returns the norm before clipping."""
         if self.optimizer is None:
-            self.optimizer = make_optimizer(self.model, lr, weight_decay, self.saved_optimizer_state)
+            self.optimizer = make_optimizer(self.model, lr, settings.weight_decay, self.saved_optimizer_state)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
@@ -99,20 +102,20 @@ class TorchBackend:
         with torch.no_grad():
             return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
 
-    def sft_step(self, batch: TokenBatch, lr: float, max_grad_norm: float, weight_decay: float) -> dict:
+    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig) -> dict:
         total_tokens = int(batch.completion_mask.sum())
         loss = 0.0
-        for _, _, part in self.micro_batches(batch):
+        for _, _, part in self.parts(batch):
             with self.autocast():
                 part_loss = sft_loss(self.model, to_tensors(part, self.device), total_tokens)
             part_loss.backward()
             loss += float(part_loss.detach())
-        return {"loss": loss, "grad_norm": self.optimizer_step(lr, max_grad_norm, weight_decay)}
+        return {"loss": loss, "grad_norm": self.optimizer_step(lr, settings)}
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict:
         tokens, totals = batch.tokens, batch.loss_totals(settings.max_new_tokens)
         loss, new_logprobs = 0.0, np.zeros(tokens.input_ids.shape, dtype=np.float32)
-        for rows, columns, part in self.micro_batches(tokens):
+        for rows, columns, part in self.parts(tokens):
             tensors = to_tensors(part, self.device)
             with self.autocast():
                 new = token_logprobs(self.model, tensors, settings.temperature)
@@ -129,7 +132,7 @@ class TorchBackend:
             new_logprobs[rows, columns] = new.detach().float().cpu().numpy()
         stats = {"loss": loss, **policy_drift(new_logprobs, batch.old_logprobs, batch.ref_logprobs,
                                               tokens.completion_mask, settings.epsilon)}
-        stats["grad_norm"] = self.optimizer_step(lr, settings.max_grad_norm, settings.weight_decay)
+        stats["grad_norm"] = self.optimizer_step(lr, settings)
         return stats
 
     def save(self, folder: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from shared.backend import distinct_prompts, left_pad, trim_completion
 from shared.errors import DivergedError
+from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_torch.decoder import LeanDecoder, supports
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from shared.backend import TokenBatch
 from shared.config import GRPOConfig
+from shared.grpo import token_weights
+from shared.padding import TokenBatch
 
 
 def to_tensors(batch: TokenBatch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -38,8 +39,7 @@ def sft_loss(model, tensors: dict[str, torch.Tensor], total_tokens: int) -> torc
 def grpo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, settings: GRPOConfig, ref_logprobs: torch.Tensor | None,
               total_sequences: int, total_tokens: int, max_completion_tokens: int) -> torch.Tensor:
-    """shared.grpo.grpo_loss in torch; totals are the whole batch's so micro-batches add up exactly."""
-    mask = mask.to(new_logprobs.dtype)
+    """shared.grpo.grpo_loss in torch: the per-token loss, weighted by shared.grpo.token_weights."""
     ratio = torch.exp(new_logprobs - old_logprobs)
     clipped = ratio.clamp(1 - settings.epsilon, 1 + settings.epsilon)
     advantages = advantages[:, None]
@@ -47,10 +47,6 @@ def grpo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     if settings.beta:
         delta = ref_logprobs - new_logprobs
         per_token = per_token + settings.beta * (torch.exp(delta) - delta - 1)
-    if settings.loss_variant == "grpo":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / total_sequences
-    if settings.loss_variant == "dapo":
-        return (per_token * mask).sum() / max(total_tokens, 1)
-    if settings.loss_variant == "dr_grpo":
-        return (per_token * mask).sum() / (total_sequences * max_completion_tokens)
-    raise ValueError(f"unknown loss variant {settings.loss_variant!r}")
+    weights = token_weights(mask.to(new_logprobs.dtype).cpu().numpy(), settings.loss_variant, total_sequences,
+                            total_tokens, max_completion_tokens)
+    return (per_token * torch.from_numpy(weights).to(per_token.device)).sum()

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from shared.checkpoints import checkpoint_kind, rope_fields_for_older_readers
-from shared.conversion import checked_adapter_base
 from shared.config import ModelConfig
 from shared.errors import UserError
+from shared.layouts import check_backend_reads, checkpoint_kind, rope_fields_for_older_readers
+from shared.manifest import checked_adapter_base
 from shared.prompts import load_tokenizer, stop_token_ids
 
 
@@ -35,9 +35,7 @@ def load_model(path: str | Path, config: ModelConfig, device: torch.device, trai
 
     path = Path(path) if Path(path).exists() else path
     kind = checkpoint_kind(path) if isinstance(path, Path) else "full"
-    if kind == "mlx_lora":
-        raise UserError(f"{path} is an mlx-lm LoRA adapter: use --backend mlx, "
-                        f"or python cli.py convert {path} --to torch")
+    check_backend_reads(path, kind, "torch")
     adapter = kind == "peft"
     base = checked_adapter_base(path) if adapter else path
     dtype = pick_dtype(device, "lora" if adapter else config.finetune)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.checkpoints import OPTIMIZER_FILE
 from shared.config import ADAM_BETAS
+from shared.layouts import OPTIMIZER_FILE
 
 
 def make_optimizer(model, lr: float, weight_decay: float, saved: dict[str, torch.Tensor]) -> torch.optim.AdamW:

@@ -164,3 +164,47 @@ def validate(config: RunConfig) -> None:
         raise UsageError("--mode grpo needs --sft-checkpoint PATH (a checkpoint from --mode sft)")
     if config.model.finetune not in ("lora", "full"):
         raise UsageError("--finetune must be lora or full")
+
+
+# Where each `train` option lands in RunConfig ("section.field"); --save-every sets both phases.
+OPTION_FIELDS = {
+    "model_name": "model.name", "finetune": "model.finetune", "lora_rank": "model.lora_rank",
+    "lora_alpha": "model.lora_alpha", "trust_remote_code": "model.trust_remote_code",
+    "num_samples": "sft.num_samples", "sft_epochs": "sft.epochs", "sft_batch_size": "sft.batch_size",
+    "sft_lr": "sft.lr", "grpo_samples": "grpo.num_prompts", "grpo_epochs": "grpo.epochs", "grpo_lr": "grpo.lr",
+    "grpo_warmup_steps": "grpo.warmup_steps", "group_size": "grpo.group_size",
+    "prompts_per_step": "grpo.prompts_per_step", "temperature": "grpo.temperature",
+    "loss_variant": "grpo.loss_variant", "beta": "grpo.beta", "epsilon": "grpo.epsilon",
+    "updates_per_batch": "grpo.updates_per_batch", "eval_samples": "eval.num_problems",
+    "eval_every": "eval.every_steps", "ood_samples": "eval.ood_problems",
+    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint",
+}
+
+
+def option_values(options: dict) -> dict:
+    """The OPTION_FIELDS options as RunConfig holds them (None: not given, the preset decides)."""
+    values = {name: options[name] for name in OPTION_FIELDS}
+    values["trust_remote_code"] = options["trust_remote_code"] or None
+    values["sft_checkpoint"] = str(options["sft_checkpoint"]) if options["sft_checkpoint"] else None
+    return values
+
+
+def config_field(config: RunConfig, path: str):
+    section, _, name = path.rpartition(".")
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def run_config_from_options(options: dict) -> RunConfig:
+    """The `train` command's options (None where not given) over the model's preset over the defaults."""
+    sections: dict[str, dict] = {"model": {}, "sft": {}, "grpo": {}, "eval": {}}
+    top_level = {"backend": options["backend"], "output_dir": str(options["output_dir"]),
+                 "wandb_project": None if options["no_wandb"] else options["wandb_project"]}
+    for name, value in option_values(options).items():
+        section, _, field_name = OPTION_FIELDS[name].rpartition(".")
+        if not section:
+            top_level[field_name] = value
+        elif value is not None:
+            sections[section][field_name] = value
+    if options["save_every"] is not None:
+        sections["sft"]["save_every"] = sections["grpo"]["save_every"] = options["save_every"]
+    return build_run_config(sections, top_level)

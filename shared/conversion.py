@@ -2,71 +2,30 @@
 
 No framework is imported: tensors are renamed, transposed, dequantized or merged with numpy, so
 the conversion runs on a machine that has only one of the two libraries.
-
-LoRA is held in PEFT's orientation: A is (r, in) and B is (out, r), the update scale * B @ A.
-mlx-lm keeps lora_a = A.T (in, r) and lora_b = B.T (r, out); its `scale` is PEFT's alpha / r.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from importlib import metadata as package_metadata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shared.checkpoints import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, OPTIMIZER_FILE, adapter_base,
-                                checkpoint_kind, rope_fields_for_older_readers)
 from shared.errors import UserError
+from shared.layouts import (ADAPTER_CONFIG_FILE, BACKEND_OF_LAYOUT, MANIFEST_FILE, MLX_ADAPTER_WEIGHTS_FILE,
+                            MODEL_WEIGHTS_FILE, OPTIMIZER_FILE, PEFT_WEIGHTS_FILE, detect_layout, model_weight_files,
+                            native_layouts, read_json, rope_fields_for_older_readers)
+from shared.lora_files import LoraAdapter, read_adapter, write_mlx_adapter, write_peft_adapter
+from shared.manifest import check_adapter_base, local_model_folder, write_manifest
 from shared.tensor_files import FLOAT_DTYPES, Tensor, from_float32, read_tensors, write_tensors
 
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-MANIFEST_FILE = "manifest.json"
-MODEL_WEIGHTS_FILE = "model.safetensors"
-PEFT_PREFIX = "base_model.model."
-BACKEND_OF_LAYOUT = {"peft": "torch", "mlx_lora": "mlx", "mlx_quantized": "mlx"}
-NATIVE_LAYOUTS = {"torch": ("full", "peft"), "mlx": ("full", "mlx_lora", "mlx_quantized")}
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TORCH_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-LIBRARIES = ("torch", "transformers", "peft", "mlx", "mlx-lm", "safetensors")
 NOT_COPIED = {ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, PEFT_WEIGHTS_FILE, OPTIMIZER_FILE, MANIFEST_FILE,
               "config.json", "README.md"}  # README.md: PEFT's model card, about the source layout
-LAYER_PATH = re.compile(r"^(?P<stack>.*\.layers)\.(?P<index>\d+)\.(?P<inner>.+)$")
-
-
-def detect_layout(folder: Path) -> str:
-    """'peft', 'mlx_lora', 'mlx_quantized' or 'full' (checkpoint_kind, checked); a one-line error otherwise."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"checkpoint {str(folder)!r} does not exist")
-    kind = checkpoint_kind(folder)
-    if kind == "peft" and not (folder / PEFT_WEIGHTS_FILE).exists():
-        raise UserError(f"{folder} has {ADAPTER_CONFIG_FILE} but no {PEFT_WEIGHTS_FILE} or "
-                        f"{MLX_ADAPTER_WEIGHTS_FILE}: not an adapter layout this tool knows")
-    if kind == "full":
-        if not (folder / "config.json").exists() or not model_weight_files(folder):
-            raise UserError(f"{folder} is not a checkpoint layout this tool knows (a Hugging Face model folder, "
-                            "a PEFT adapter or an mlx-lm adapter)")
-        if "quantization" in read_json(folder / "config.json"):
-            return "mlx_quantized"
-    return kind
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON") from None
-
-
-def model_weight_files(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("model*.safetensors"))
 
 
 def read_model_weights(folder: Path) -> tuple[dict[str, Tensor], str | None]:
@@ -77,225 +36,6 @@ def read_model_weights(folder: Path) -> tuple[dict[str, Tensor], str | None]:
         tensors.update(part)
         writer = writer or file_metadata.get("format")
     return tensors, writer
-
-
-# ---- hashes and the manifest -------------------------------------------------------------------
-
-def weights_sha256(folder: Path) -> str:
-    """sha256 of the tensors themselves (names, dtypes, shapes, bytes): the same for a model
-    saved by either library, sharded or not. Cached while the files are unchanged, since converting
-    then loading an adapter checks the same base several times."""
-    files = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in model_weight_files(folder))
-    return tensors_sha256(files)
-
-
-@functools.lru_cache(maxsize=8)
-def tensors_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    tensors = {}
-    for path, _, _ in files:
-        tensors.update(read_tensors(Path(path))[0])
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"{name}:{tensor.dtype}:{list(tensor.array.shape)};".encode())
-        digest.update(np.ascontiguousarray(tensor.array).tobytes())
-    return digest.hexdigest()
-
-
-def tokenizer_sha256(folder: Path) -> str | None:
-    files = [Path(folder) / name for name in ("tokenizer.json", "vocab.json", "merges.txt")]
-    files = [f for f in files if f.exists()]
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = package_metadata.version(name)
-        except package_metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def local_model_folder(name: str) -> Path | None:
-    """A local folder, or a hub id already in the Hugging Face cache; None if neither."""
-    if Path(name).is_dir():
-        return Path(name)
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached, not a valid id, or no huggingface_hub: the caller decides
-        return None
-
-
-def write_manifest(folder: Path, backend: str, converted_from: dict | None = None) -> dict:
-    """manifest.json: what wrote the checkpoint, the hashes of its base, the LoRA settings."""
-    folder = Path(folder)
-    layout = detect_layout(folder)
-    manifest = {"layout": layout, "backend": backend, "libraries": library_versions()}
-    if converted_from:
-        manifest["converted_from"] = converted_from
-    if layout in ("peft", "mlx_lora"):
-        adapter = read_adapter(folder, layout)
-        base_folder = local_model_folder(adapter.base)
-        manifest["base"] = {"name": adapter.base,
-                            "weights_sha256": weights_sha256(base_folder) if base_folder else None,
-                            "tokenizer_sha256": tokenizer_sha256(base_folder) if base_folder else None}
-        manifest["lora"] = {"rank": adapter.rank, "alpha": adapter.rank * adapter.scale, "scale": adapter.scale,
-                            "dropout": adapter.dropout, "targets": adapter.module_names(),
-                            "layers": adapter.layer_indices()}
-    else:
-        manifest["weights_sha256"] = weights_sha256(folder)
-        manifest["tokenizer_sha256"] = tokenizer_sha256(folder)
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def check_adapter_base(adapter_folder: Path, base_folder: Path | None) -> None:
-    """Refuse a base whose weights differ from the one the adapter's manifest records."""
-    manifest_file = Path(adapter_folder) / MANIFEST_FILE
-    if base_folder is None or not manifest_file.exists():
-        return
-    expected = (read_json(manifest_file).get("base") or {}).get("weights_sha256")
-    if expected and weights_sha256(base_folder) != expected:
-        raise UserError(f"{adapter_folder} was trained on a base with weights sha256 {expected[:12]}, but "
-                        f"{base_folder} differs; pass the right base with --base")
-
-
-def checked_adapter_base(adapter_folder: Path) -> str:
-    """The base an adapter names, refused if its weights are not the ones the adapter was trained on."""
-    base = adapter_base(adapter_folder)
-    check_adapter_base(adapter_folder, local_model_folder(base))
-    return base
-
-
-# ---- LoRA adapters --------------------------------------------------------------------------------
-
-@dataclass
-class LoraAdapter:
-    """A LoRA adapter independent of library: factors by module path, in PEFT's orientation."""
-    base: str
-    rank: int
-    scale: float
-    dropout: float
-    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # path -> (A (r,in), B (out,r))
-
-    def module_names(self) -> list[str]:
-        """The adapted modules inside a layer, e.g. 'self_attn.q_proj'."""
-        return sorted({split_layer_path(path)[2] for path in self.factors})
-
-    def layer_indices(self) -> list[int]:
-        return sorted({split_layer_path(path)[1] for path in self.factors})
-
-    def is_grid(self) -> bool:
-        """Every adapted layer adapts the same modules (what layer selection + targets can express)."""
-        return len(self.factors) == len(self.module_names()) * len(self.layer_indices())
-
-
-def split_layer_path(path: str) -> tuple[str, int, str]:
-    """'model.layers.3.self_attn.q_proj' -> ('model.layers', 3, 'self_attn.q_proj')."""
-    match = LAYER_PATH.match(path)
-    if not match:
-        raise UserError(f"LoRA on {path!r} (outside the transformer layers) is not supported")
-    return match["stack"], int(match["index"]), match["inner"]
-
-
-def read_adapter(folder: Path, layout: str) -> LoraAdapter:
-    return read_peft_adapter(folder) if layout == "peft" else read_mlx_adapter(folder)
-
-
-def read_peft_adapter(folder: Path) -> LoraAdapter:
-    config = read_json(Path(folder) / ADAPTER_CONFIG_FILE)
-    unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
-                   "bias": config.get("bias", "none") != "none", "modules_to_save": config.get("modules_to_save"),
-                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
-    if any(unsupported.values()):
-        raise UserError(f"{folder}: PEFT adapters with {', '.join(k for k, v in unsupported.items() if v)} "
-                        "cannot be converted (only plain LoRA)")
-    rank = int(config["r"])
-    scale = config["lora_alpha"] / (rank ** 0.5 if config.get("use_rslora") else rank)
-    tensors, _ = read_tensors(Path(folder) / PEFT_WEIGHTS_FILE)
-    factors: dict[str, list] = {}
-    for name, tensor in tensors.items():
-        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.default)?\.weight", name)
-        if not match:
-            raise UserError(f"{folder}: unexpected tensor {name!r} in a PEFT LoRA adapter")
-        factors.setdefault(match[1], [None, None])["AB".index(match[2])] = tensor
-    return LoraAdapter(config.get("base_model_name_or_path") or "", rank, scale, float(config.get("lora_dropout", 0.0)),
-                       complete_factors(factors, folder))
-
-
-def read_mlx_adapter(folder: Path) -> LoraAdapter:
-    config = read_json(Path(folder) / ADAPTER_CONFIG_FILE)
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise UserError(f"{folder}: mlx-lm {config['fine_tune_type']} adapters cannot be converted (only LoRA)")
-    lora = config["lora_parameters"]
-    tensors, _ = read_tensors(Path(folder) / MLX_ADAPTER_WEIGHTS_FILE)
-    factors: dict[str, list] = {}
-    for name, tensor in tensors.items():
-        path, leaf = name.rsplit(".", 1)
-        if leaf not in ("lora_a", "lora_b"):
-            raise UserError(f"{folder}: unexpected tensor {name!r} in an mlx-lm LoRA adapter")
-        factors.setdefault(path, [None, None])[0 if leaf == "lora_a" else 1] = tensor.T
-    return LoraAdapter(config.get("model") or "", int(lora["rank"]), float(lora["scale"]),
-                       float(lora.get("dropout", 0.0)), complete_factors(factors, folder))
-
-
-def complete_factors(factors: dict[str, list], folder: Path) -> dict[str, tuple[Tensor, Tensor]]:
-    for path, pair in factors.items():
-        if None in pair:
-            raise UserError(f"{folder}: {path} has only one of its two LoRA factors")
-    if not factors:
-        raise UserError(f"{folder}: the adapter holds no LoRA weights")
-    return {path: (a, b) for path, (a, b) in sorted(factors.items())}
-
-
-def write_peft_adapter(adapter: LoraAdapter, folder: Path, num_layers: int) -> None:
-    """adapter_model.safetensors + adapter_config.json, as `PeftModel.from_pretrained` reads them."""
-    tensors = {}
-    for path, (a, b) in adapter.factors.items():
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b
-    write_tensors(Path(folder) / PEFT_WEIGHTS_FILE, tensors, {"format": "pt"})
-    layers = adapter.layer_indices()
-    if adapter.is_grid():
-        inner = adapter.module_names()
-        leaves = [name.rsplit(".", 1)[-1] for name in inner]
-        targets = sorted(leaves) if len(set(leaves)) == len(leaves) else inner
-        selection = None if layers == list(range(num_layers)) else layers
-    else:  # irregular: name every adapted module exactly
-        targets, selection = sorted(adapter.factors), None
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": adapter.base,
-              "r": adapter.rank, "lora_alpha": adapter.scale * adapter.rank, "lora_dropout": adapter.dropout,
-              "target_modules": targets, "layers_to_transform": selection,
-              "layers_pattern": "layers" if selection else None, "bias": "none", "use_rslora": False,
-              "use_dora": False, "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-              "rank_pattern": {}, "alpha_pattern": {}}
-    (Path(folder) / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
-
-
-def write_mlx_adapter(adapter: LoraAdapter, folder: Path, num_layers: int) -> None:
-    """adapters.safetensors + adapter_config.json, as `mlx_lm.load(base, adapter_path=...)` reads them."""
-    tensors = {}
-    for path, (a, b) in adapter.factors.items():
-        tensors[f"{path}.lora_a"] = a.T
-        tensors[f"{path}.lora_b"] = b.T
-    write_tensors(Path(folder) / MLX_ADAPTER_WEIGHTS_FILE, tensors, {"format": "mlx"})
-    layers = adapter.layer_indices()
-    if adapter.is_grid() and layers == list(range(num_layers - len(layers), num_layers)):
-        adapted, keys = len(layers), adapter.module_names()  # mlx-lm adapts the last `num_layers` layers
-    else:  # keys that are full paths match outside the per-layer loop, so any selection loads exactly
-        adapted, keys = 0, sorted(adapter.factors)
-    config = {"fine_tune_type": "lora", "model": adapter.base, "num_layers": adapted,
-              "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale, "dropout": adapter.dropout,
-                                  "keys": keys}}
-    (Path(folder) / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 # ---- full weights -------------------------------------------------------------------------------
@@ -463,7 +203,7 @@ def convert_full_model(request: ConversionRequest, layout: str, output: Path) ->
 @contextmanager
 def native_layout(checkpoint: Path, backend: str):
     """The checkpoint itself if `backend` reads its layout, else a converted copy that lives for the block."""
-    if detect_layout(checkpoint) in NATIVE_LAYOUTS[backend]:
+    if detect_layout(checkpoint) in native_layouts(backend):
         yield Path(checkpoint)
         return
     with tempfile.TemporaryDirectory(prefix="local-reasoning-converted-") as folder:

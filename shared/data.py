@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
+
+from shared.errors import UserError
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
 HELD_OUT_EVERY = 20  # one problem in 20 is held out for evaluation, for every run and seed
@@ -78,3 +81,11 @@ def generate_problems(count: int, seed: int, *, held_out: bool, num_operands: in
 
 def chat_messages(problem: Problem) -> list[dict[str, str]]:
     return [{"role": "user", "content": problem.prompt}]
+
+
+def parse_problem(text: str) -> Problem:
+    """'23 + 15 + 8' or 'Calculate 23 + 15 + 8' -> Problem; a one-line error otherwise."""
+    text = re.sub(r"^\s*calculate\s+", "", text.strip(), flags=re.IGNORECASE)
+    if not re.fullmatch(r"\d{1,30}( *\+ *\d{1,30})+", text, flags=re.ASCII):
+        raise UserError("enter a sum of whole numbers (up to 30 digits each), like 23 + 15 + 8")
+    return Problem(tuple(int(n) for n in text.split("+")))

@@ -15,3 +15,9 @@ class UsageError(UserError):
 
 class DivergedError(UserError):
     """Training produced NaN or inf (loss, gradients, weights or the model's probabilities)."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training: a resume point was saved, exit like any interrupted command."""
+
+    exit_code = 130

@@ -1,4 +1,5 @@
-"""GRPO math as numpy reference implementations; each backend mirrors `grpo_loss` in its own ops."""
+"""GRPO math in numpy: advantages, the per-token loss weights of each variant (the one place they are
+written; both backends use them), and `grpo_loss` as the reference each backend's per-token loss mirrors."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,16 +25,32 @@ def per_token_kl(new_logprobs: np.ndarray, ref_logprobs: np.ndarray) -> np.ndarr
     return np.exp(delta) - delta - 1.0
 
 
+def token_weights(mask: np.ndarray, variant: str, total_sequences: int, total_tokens: int,
+                  max_completion_tokens: int) -> np.ndarray:
+    """(B, T) weight of each completion token's loss: the variant's loss is (per-token loss * weights).sum().
+
+    The totals are the whole batch's, so micro-batches of it add up to the batch's loss exactly. Each
+    weight is computed in the order autograd would through the variant's divisions, in the mask's
+    float dtype (float32 for an integer mask).
+    """
+    mask = np.asarray(mask)
+    mask = mask.astype(mask.dtype if np.issubdtype(mask.dtype, np.floating) else np.float32)
+    number = mask.dtype.type
+    if variant == "grpo":  # per-sequence mean, then mean over sequences
+        lengths = np.maximum(mask.sum(1, keepdims=True), number(1))
+        return number(1) / number(total_sequences) / lengths * mask
+    if variant == "dapo":  # token-level mean over the whole batch
+        return number(1) / number(max(total_tokens, 1)) * mask
+    if variant == "dr_grpo":  # Dr. GRPO: constant normaliser, no length bias
+        return number(1) / number(total_sequences * max_completion_tokens) * mask
+    raise ValueError(f"unknown loss variant {variant!r}; choose from {', '.join(LOSS_VARIANTS)}")
+
+
 def aggregate(per_token: np.ndarray, mask: np.ndarray, variant: str, max_completion_tokens: int) -> float:
     """Reduce (B, T) per-token losses over completion tokens as the variant says."""
-    mask = mask.astype(per_token.dtype)
-    if variant == "grpo":  # per-sequence mean, then mean over sequences
-        return float(((per_token * mask).sum(1) / np.maximum(mask.sum(1), 1)).mean())
-    if variant == "dapo":  # token-level mean over the whole batch
-        return float((per_token * mask).sum() / max(mask.sum(), 1))
-    if variant == "dr_grpo":  # Dr. GRPO: constant normaliser, no length bias
-        return float((per_token * mask).sum() / (per_token.shape[0] * max_completion_tokens))
-    raise ValueError(f"unknown loss variant {variant!r}; choose from {', '.join(LOSS_VARIANTS)}")
+    mask = np.asarray(mask).astype(per_token.dtype)
+    weights = token_weights(mask, variant, per_token.shape[0], int(mask.sum()), max_completion_tokens)
+    return float((per_token * weights).sum())
 
 
 def grpo_loss(new_logprobs: np.ndarray, old_logprobs: np.ndarray, advantages: np.ndarray,
@@ -61,3 +78,10 @@ def policy_drift(new_logprobs: np.ndarray, old_logprobs: np.ndarray | None, ref_
         ((np.abs(np.exp(new_logprobs - old_logprobs) - 1) > epsilon) * mask).sum())
     kl = 0.0 if ref_logprobs is None else float((per_token_kl(new_logprobs, ref_logprobs) * mask).sum())
     return {"clip_fraction": clipped / tokens, "kl": kl / tokens}
+
+
+def rows_with_signal(advantages: np.ndarray, beta: float) -> np.ndarray:
+    """The rows whose loss has a gradient. Without a KL term a zero advantage makes every token's
+    loss -min(r * 0, clip(r) * 0) = 0, so a group whose samples all scored the same teaches nothing."""
+    advantages = np.asarray(advantages)
+    return np.arange(len(advantages)) if beta else np.flatnonzero(advantages)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+from pathlib import Path
 
 from shared.errors import UserError
+from shared.layouts import BACKEND_OF_LAYOUT, check_checkpoint, detect_layout
 
 INSTALL_HINTS = {
     "torch": "pip install -e '.[torch]'  (Linux CPU: pip install torch==2.13.0 transformers peft)",
@@ -34,9 +36,13 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-NATIVE_BACKENDS = {"peft": "torch", "mlx_lora": "mlx", "mlx_quantized": "mlx"}  # the library that reads a layout
-
-
 def backend_for_checkpoint(requested: str, layout: str) -> str:
     """auto on an adapter or a quantized model: the backend whose library wrote it; full folders load in either."""
-    return choose_backend(NATIVE_BACKENDS.get(layout, "auto") if requested == "auto" else requested)
+    return choose_backend(BACKEND_OF_LAYOUT.get(layout, "auto") if requested == "auto" else requested)
+
+
+def resolve_backend(requested: str, checkpoint: Path | None = None) -> str:
+    """The backend a command runs on: `requested`, or for auto the hardware's choice (for a LoRA or
+    quantized `checkpoint`, the library that wrote it); a missing checkpoint is a one-line error."""
+    layout = detect_layout(check_checkpoint(checkpoint)) if checkpoint else "full"
+    return backend_for_checkpoint(requested, layout)

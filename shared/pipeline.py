@@ -5,16 +5,19 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.backend import Backend
-from shared.checkpoints import check_checkpoint, save_checkpoint
+from shared.checkpoints import save_checkpoint
 from shared.config import RunConfig
-from shared.data import generate_problems
+from shared.data import Problem, generate_problems
+from shared.errors import Interrupted
 from shared.evaluation import EvalResult, evaluate, out_of_distribution_sets, results_table
+from shared.layouts import check_checkpoint
 from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model
 from shared.report import write_report
-from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, Interrupted, RunState, drop_older_periodic,
+from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState, drop_older_periodic,
                            latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt, write_run_status)
 from shared.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from shared.tracking import MetricsLog
@@ -35,10 +38,22 @@ def resolve_model(name: str) -> Path | str:
     return check_checkpoint(Path(name)) if Path(name).exists() else name
 
 
+@dataclass
+class Run:
+    """One training run as it goes: its settings, the model, where it writes, and where it stands."""
+    config: RunConfig
+    backend: Backend
+    output: Path
+    metrics: MetricsLog
+    state: RunState
+    eval_problems: list[Problem]
+
+
 def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Path] | None = None
                  ) -> tuple[dict[str, EvalResult], dict[str, EvalResult]]:
-    """The run, fresh or continued from a resume point; returns held-out results by stage and, after
-    the last phase, by out-of-distribution set."""
+    """The run, fresh or continued from a resume point: evaluate, SFT, evaluate, GRPO, evaluate, each
+    phase saving as it goes. Returns held-out results by stage and, after the last phase, by
+    out-of-distribution set."""
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     state, resume_folder = resume if resume else (RunState(), None)
@@ -48,92 +63,109 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     (output / "run_config.json").write_text(config.to_json())
     metrics = MetricsLog(output / "metrics.jsonl", config.wandb_project, json.loads(config.to_json()),
                          keep_records=state.metrics_records)
-    eval_problems = generate_problems(config.eval.num_problems, config.seed, held_out=True)
-    results = state.results
+    run = Run(config, backend, output, metrics, state,
+              generate_problems(config.eval.num_problems, config.seed, held_out=True))
     out_of_distribution: dict[str, EvalResult] = {}
-
-    def evaluate_and_log(stage: str, label: str, step: int | None = None, problems=None) -> EvalResult:
-        result = evaluate(backend, problems or eval_problems, config.eval, label=f"eval {label}")
-        metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary()})
-        metrics.samples(stage if step is None else f"{stage}_step_{step}", result.samples)
-        logger.info("%s: accuracy %.1f%%, format %.1f%%", label, 100 * result.accuracy,
-                    100 * result.format_compliance)
-        return result
-
-    def evaluate_stage(stage: str) -> None:
-        results[stage] = evaluate_and_log(stage, STAGE_LABELS[stage])
-
-    def save(folder: Path, phase: str, step: int, total: int, seconds: float) -> None:
-        state.phase, state.step, state.total_steps, state.metrics_records = phase, step, total, len(metrics.records)
-        state.timings[f"{phase}_s"] = seconds
-        save_checkpoint(backend, folder, config.to_json(), {STATE_FILE: state.to_json()})
-
-    def run_phase(phase: str, train, problems: list, batch_size: int, epochs: int, save_every: int) -> None:
-        """Train one phase from where the state stands, saving every `save_every` steps and on Ctrl-C."""
-        total = phase_steps(len(problems), batch_size, epochs)
-        start_step = state.step if state.phase == phase else 0
-        carried, began = (state.timings.get(f"{phase}_s", 0.0) if start_step else 0.0), time.perf_counter()
-
-        def on_step(step: int) -> None:
-            if config.eval.every_steps and step % config.eval.every_steps == 0:
-                evaluate_and_log(phase, f"{phase} step {step}", step)
-            if step < total and (stop.requested or (save_every and step % save_every == 0)):
-                folder = periodic_folder(output, phase, step)
-                save(folder, phase, step, total, carried + time.perf_counter() - began)
-                drop_older_periodic(output, keep=folder)
-                if stop.requested:
-                    raise Interrupted(f"stopped at {phase.upper()} step {step} of {total}; saved {folder}; "
-                                      f"continue with: python cli.py train --resume --output-dir {output}")
-
-        with stop_on_interrupt() as stop:
-            train(backend, problems, getattr(config, phase), config.seed, metrics, on_step, start_step)
-            save(output / FINAL_FOLDERS[phase], phase, total, total, carried + time.perf_counter() - began)
-        if stop.requested:
-            raise Interrupted(f"stopped after {phase.upper()}; saved {output / FINAL_FOLDERS[phase]}; "
-                              f"continue with: python cli.py train --resume --output-dir {output}")
-
     try:
         if resume_folder:
             backend.load(resume_folder, config.model, trainable=True)
         if config.mode in ("sft", "full"):
             if resume is None:
-                backend.seed(config.seed)
-                backend.load(resolve_model(config.model.name), config.model, trainable=True)
-                evaluate_stage("before_sft")
+                start_from(run, resolve_model(config.model.name))
+                evaluate_stage(run, "before_sft")
             if state.phase == "sft" and not state.phase_complete:
-                problems = generate_problems(config.sft.num_samples, config.seed, held_out=False)
-                run_phase("sft", train_sft, problems, config.sft.batch_size, config.sft.epochs, config.sft.save_every)
-            if "after_sft" not in results:
-                evaluate_stage("after_sft")
+                train_phase(run, "sft")
+            if "after_sft" not in state.results:
+                evaluate_stage(run, "after_sft")
         if config.mode in ("grpo", "full"):
             sft_folder = Path(config.sft_checkpoint) if config.mode == "grpo" else output / FINAL_FOLDERS["sft"]
             if config.mode == "grpo" and resume is None:
-                backend.seed(config.seed)
-                backend.load(check_checkpoint(sft_folder), config.model, trainable=True)
-                evaluate_stage("after_sft")
+                start_from(run, check_checkpoint(sft_folder))
+                evaluate_stage(run, "after_sft")
             if config.grpo.beta:  # the KL's reference is the policy GRPO started from
                 backend.set_reference(sft_folder if state.phase == "grpo" else None)
             if not (state.phase == "grpo" and state.phase_complete):
-                problems = generate_problems(config.grpo.num_prompts, config.seed + 1, held_out=False)
-                run_phase("grpo", train_grpo, problems, config.grpo.prompts_per_step, config.grpo.epochs,
-                          config.grpo.save_every)
-            if "after_grpo" not in results:
-                evaluate_stage("after_grpo")
+                train_phase(run, "grpo")
+            if "after_grpo" not in state.results:
+                evaluate_stage(run, "after_grpo")
         if config.eval.ood_problems:
             for name, problems in out_of_distribution_sets(config.eval.ood_problems, config.seed).items():
-                out_of_distribution[name] = evaluate_and_log(f"ood_{name}", name.replace("_", " "), problems=problems)
+                out_of_distribution[name] = evaluate_and_log(run, f"ood_{name}", name.replace("_", " "), problems)
     except KeyboardInterrupt:  # outside a training loop (an evaluation, a load): the last resume point stands
         hint = (f"continue with: python cli.py train --resume --output-dir {output}" if latest_resume_point(output)
                 else "nothing was saved yet")
         raise Interrupted(f"interrupted; {hint}") from None
     finally:
         metrics.close()
-    write_eval_json(output / "eval.json", results, out_of_distribution, state.timings)
-    write_report(output, config.to_json(), metrics.records, results, out_of_distribution, state.timings,
-                 STAGE_LABELS)
-    shutil.rmtree(output / PERIODIC_FOLDER, ignore_errors=True)
-    write_run_status(output, finished=True)
-    return results, out_of_distribution
+    write_outputs(run, out_of_distribution)
+    return state.results, out_of_distribution
+
+
+def start_from(run: Run, model_path: Path | str) -> None:
+    run.backend.seed(run.config.seed)
+    run.backend.load(model_path, run.config.model, trainable=True)
+
+
+def train_phase(run: Run, phase: str) -> None:
+    """Train one phase from where the run stands: evaluate and save every N steps, stop on Ctrl-C
+    after the current step with a resume point saved, and save the phase's final checkpoint."""
+    config, state = run.config, run.state
+    settings = getattr(config, phase)
+    if phase == "sft":
+        problems = generate_problems(config.sft.num_samples, config.seed, held_out=False)
+        steps, batch_size = train_sft, config.sft.batch_size
+    else:
+        problems = generate_problems(config.grpo.num_prompts, config.seed + 1, held_out=False)
+        steps, batch_size = train_grpo, config.grpo.prompts_per_step
+    total = phase_steps(len(problems), batch_size, settings.epochs)
+    start_step = state.step if state.phase == phase else 0
+    carried, began = (state.timings.get(f"{phase}_s", 0.0) if start_step else 0.0), time.perf_counter()
+    with stop_on_interrupt() as stop:
+        for step in steps(run.backend, problems, settings, config.seed, run.metrics, start_step):
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                evaluate_and_log(run, phase, f"{phase} step {step}", run.eval_problems, step)
+            if step < total and (stop.requested or (settings.save_every and step % settings.save_every == 0)):
+                folder = periodic_folder(run.output, phase, step)
+                save(run, folder, phase, step, total, carried + time.perf_counter() - began)
+                drop_older_periodic(run.output, keep=folder)
+                if stop.requested:
+                    raise Interrupted(f"stopped at {phase.upper()} step {step} of {total}; saved {folder}; "
+                                      f"continue with: python cli.py train --resume --output-dir {run.output}")
+        save(run, run.output / FINAL_FOLDERS[phase], phase, total, total, carried + time.perf_counter() - began)
+    if stop.requested:
+        raise Interrupted(f"stopped after {phase.upper()}; saved {run.output / FINAL_FOLDERS[phase]}; "
+                          f"continue with: python cli.py train --resume --output-dir {run.output}")
+
+
+def evaluate_stage(run: Run, stage: str) -> None:
+    run.state.results[stage] = evaluate_and_log(run, stage, STAGE_LABELS[stage], run.eval_problems)
+
+
+def evaluate_and_log(run: Run, stage: str, label: str, problems: list[Problem], step: int | None = None
+                     ) -> EvalResult:
+    result = evaluate(run.backend, problems, run.config.eval, label=f"eval {label}")
+    run.metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary()})
+    run.metrics.samples(stage if step is None else f"{stage}_step_{step}", result.samples)
+    logger.info("%s: accuracy %.1f%%, format %.1f%%", label, 100 * result.accuracy, 100 * result.format_compliance)
+    return result
+
+
+def save(run: Run, folder: Path, phase: str, step: int, total: int, seconds: float) -> None:
+    """A checkpoint that is also a resume point: the weights with where the run stands."""
+    state = run.state
+    state.phase, state.step, state.total_steps, state.metrics_records = phase, step, total, len(run.metrics.records)
+    state.timings[f"{phase}_s"] = seconds
+    save_checkpoint(run.backend, folder, run.config.to_json(), {STATE_FILE: state.to_json()})
+
+
+def write_outputs(run: Run, out_of_distribution: dict[str, EvalResult]) -> None:
+    """eval.json and report.md; the resume points go and the run is marked finished."""
+    state = run.state
+    write_eval_json(run.output / "eval.json", state.results, out_of_distribution, state.timings)
+    write_report(run.output, run.config.to_json(), run.metrics.records, state.results, out_of_distribution,
+                 state.timings, STAGE_LABELS)
+    shutil.rmtree(run.output / PERIODIC_FOLDER, ignore_errors=True)
+    write_run_status(run.output, finished=True)
 
 
 def forget_previous_run(output: Path) -> None:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.checkpoints import atomic_folder, cache_root
-from shared.conversion import write_manifest
 from shared.errors import UserError
 from shared.gguf_import import import_gguf
+from shared.manifest import write_manifest
 
 logger = logging.getLogger("local_reasoning")
 

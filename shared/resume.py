@@ -18,20 +18,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.config import OPTION_FIELDS, RunConfig, config_field, option_values, run_config_from_options
+from shared.errors import UsageError, UserError
 from shared.evaluation import EvalResult
+from shared.hardware import resolve_backend
 
 STATE_FILE = "training_state.json"
 RUN_STATUS_FILE = "run_status.json"
 PERIODIC_FOLDER = "checkpoints"
 FINAL_FOLDERS = {"sft": "sft_final", "grpo": "reasoning_final"}
 PHASES = ("sft", "grpo")
-
-
-class Interrupted(UserError):
-    """Ctrl-C during training: a resume point was saved, exit like any interrupted command."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -115,6 +111,70 @@ def is_unfinished(output: Path) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return not finished and latest_resume_point(output) is not None
+
+
+def run_to_start(options: dict, given: dict[str, str]) -> tuple[RunConfig, tuple[RunState, Path] | None]:
+    """The resume policy of `train`: the run's settings, with its backend resolved, and the resume point
+    to continue from (None: start fresh).
+
+    `options` are the command's values; `given` maps the options typed on the command line to the
+    flag typed. With --resume the run continues with its own settings; without it, the same
+    command again on an interrupted run continues it, and other settings there are an error.
+    """
+    if options["resume"]:
+        return resumed_run_config(options, given)
+    config = run_config_from_options(options)
+    config.backend = resolve_backend(config.backend, Path(config.sft_checkpoint) if config.mode == "grpo" else None)
+    return config, unfinished_run_to_continue(config)
+
+
+def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig, tuple[RunState, Path]]:
+    """--resume: the run's own settings from its run_config.json, and its last resume point.
+
+    Options repeated from the original command are fine; one that changes a setting is an error.
+    """
+    output = Path(options["output_dir"])
+    point = latest_resume_point(output)
+    if point is None:
+        raise UserError(f"{output} holds no checkpoint to resume from (a run saves one every --save-every steps)")
+    if not is_unfinished(output):
+        raise UserError(f"the run in {output} has finished; there is nothing to resume")
+    config = RunConfig.from_json((output / "run_config.json").read_text())
+    for name, value in option_values(options).items():
+        saved = config_field(config, OPTION_FIELDS[name])
+        if name in given and value != saved and not (name == "trust_remote_code" and not saved):
+            raise UsageError(f"{given[name]} {value} differs from the run's {saved} ({output}/run_config.json); "
+                             "--resume continues with the run's own settings")
+    if options["backend"] not in ("auto", config.backend):
+        raise UsageError(f"this run trained with --backend {config.backend}; it resumes on the same backend")
+    resolve_backend(config.backend, Path(config.sft_checkpoint) if config.mode == "grpo" else None)  # or an error
+    if options["save_every"] is not None:
+        config.sft.save_every = config.grpo.save_every = options["save_every"]
+    if options["no_wandb"] or options["wandb_project"]:
+        config.wandb_project = None if options["no_wandb"] else options["wandb_project"]
+    return config, point
+
+
+def unfinished_run_to_continue(config: RunConfig) -> tuple[RunState, Path] | None:
+    """The same command again on an interrupted run continues it; other settings there are an error."""
+    output = Path(config.output_dir)
+    if not is_unfinished(output):
+        return None
+    saved = RunConfig.from_json((output / "run_config.json").read_text())
+    if not same_run(saved, config):
+        raise UserError(f"{output} holds an unfinished run with other settings: continue it with "
+                        f"python cli.py train --resume --output-dir {output}, or choose another --output-dir")
+    return latest_resume_point(output)
+
+
+def same_run(a: RunConfig, b: RunConfig) -> bool:
+    """Equal in everything that decides the numbers (not where they are logged, nor how often saved)."""
+    def essentials(config: RunConfig) -> dict:
+        values = json.loads(config.to_json())
+        values.pop("wandb_project")
+        values["sft"].pop("save_every"), values["grpo"].pop("save_every")
+        return values
+    return essentials(a) == essentials(b)
 
 
 class StopRequest:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.checkpoints import check_safetensors
+from shared.errors import UserError
 
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
                 "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
@@ -81,9 +81,21 @@ def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, st
             handle.write(np.ascontiguousarray(tensors[name].array).tobytes())
 
 
-def read_folder_weights(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of every .safetensors file in a model folder (sharded or not)."""
-    tensors: dict[str, Tensor] = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(read_tensors(file)[0])
-    return tensors
+def check_safetensors(file: Path) -> None:
+    """Catch a truncated or corrupted file before a library fails on it with a traceback."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        header = handle.read(8)
+        if len(header) < 8:
+            raise UserError(f"{file} is truncated (only {size} bytes)")
+        header_length = int.from_bytes(header, "little")
+        if header_length > size - 8:
+            raise UserError(f"{file} is corrupted or truncated (header says {header_length} bytes, file has {size})")
+        try:
+            metadata = json.loads(handle.read(header_length))
+        except ValueError:
+            raise UserError(f"{file} is corrupted: its header is not valid JSON") from None
+    data_end = max((entry["data_offsets"][1] for name, entry in metadata.items() if name != "__metadata__"),
+                   default=0)
+    if 8 + header_length + data_end > size:
+        raise UserError(f"{file} is truncated: {size} bytes, needs {8 + header_length + data_end}")

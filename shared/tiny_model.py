@@ -7,15 +7,12 @@ same loading code that serves Qwen/Qwen2.5-0.5B serves it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shared.checkpoints import cache_root, make_readable
+from shared.checkpoints import atomic_folder, cache_root
 
 TINY_MODEL_NAME = "tiny"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -170,10 +167,7 @@ def write_tiny_model(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
     """Write the tiny model as a Hugging Face folder, atomically (temporary folder, then rename)."""
     from safetensors.numpy import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         tokenizer = build_tokenizer()
         tokenizer.save(str(staging / "tokenizer.json"))
         if tokenizer.get_vocab_size() > VOCAB_SIZE or tokenizer.token_to_id("<|im_end|>") != 2:
@@ -195,13 +189,7 @@ def write_tiny_model(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
         merges = json.loads(tokenizer.to_str())["model"]["merges"]
         (staging / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges))
         (staging / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        make_readable(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def tiny_model_cache_dir() -> Path:

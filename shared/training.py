@@ -4,15 +4,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from shared.backend import Backend, GRPOBatch, pack_batch, rows_with_signal
+from shared.backend import Backend, GRPOBatch
 from shared.config import GRPOConfig, SFTConfig
 from shared.data import Problem
 from shared.errors import DivergedError
-from shared.grpo import group_advantages
+from shared.grpo import group_advantages, rows_with_signal
+from shared.padding import pack_batch
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts, encode_targets
 from shared.resume import phase_steps, step_seed
@@ -53,8 +54,9 @@ def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int, skip: 
 
 
 def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed: int, log: Log,
-              on_step: Callable[[int], None] | None = None, start_step: int = 0) -> None:
-    """Cross-entropy on the reference completions; a resumed run passes the steps it finished."""
+              start_step: int = 0) -> Iterator[int]:
+    """Cross-entropy on the reference completions, yielding each finished step; a resumed run passes
+    the steps it finished."""
     tokenizer = backend.tokenizer
     examples = list(zip(encode_prompts(tokenizer, problems), encode_targets(tokenizer, problems)))
     total_steps = phase_steps(len(examples), config.batch_size, config.epochs)
@@ -66,15 +68,14 @@ def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed
             batch = pack_batch([p for p, _ in chosen], [c for _, c in chosen], tokenizer.pad_token_id)
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
             began = time.perf_counter()
-            stats = backend.sft_step(batch, lr, config.max_grad_norm, config.weight_decay)
+            stats = backend.sft_step(batch, lr, config)
             seconds = time.perf_counter() - began
             check_finite(backend, stats, "SFT", step, "--sft-lr")
             log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
             bar.update()
-            if on_step:
-                on_step(step)
+            yield step
 
 
 def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple[list[float], list[dict]]:
@@ -83,8 +84,9 @@ def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple
 
 
 def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, seed: int, log: Log,
-               on_step: Callable[[int], None] | None = None, start_step: int = 0) -> None:
-    """Sample G completions per prompt, score them, and push toward the better ones of each group."""
+               start_step: int = 0) -> Iterator[int]:
+    """Sample G completions per prompt, score them, and push toward the better ones of each group;
+    yields each finished step."""
     tokenizer = backend.tokenizer
     total_steps = phase_steps(len(problems), config.prompts_per_step, config.epochs)
     batches = shuffled_batches(len(problems), config.prompts_per_step, config.epochs, seed, skip=start_step)
@@ -132,5 +134,4 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
                  (time.perf_counter() - began)})
             bar.set_postfix(reward=f"{np.mean(rewards):.3f}", acc=f"{means['reward_correctness']:.2f}")
             bar.update()
-            if on_step:
-                on_step(step)
+            yield step

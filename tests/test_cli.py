@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, most of them training
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,8 +68,8 @@ def test_checkpoint_round_trips_through_plain_transformers(trained_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reasoning_torch.backend import TorchBackend
     from shared.config import ModelConfig
+    from reasoning_torch.backend import TorchBackend
 
     folder = trained_run[0] / "reasoning_final"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -352,10 +354,10 @@ def test_a_diverging_grpo_update_stops_at_its_step(backend_name, tiny_model_dir,
     """lr 1e30 on an update that has a gradient: the untrained model's samples all score 0, so the
     rewards alternate within each group here, and every row trains."""
     import shared.training as training
-    from cli import make_backend
     from shared.config import GRPOConfig, ModelConfig
     from shared.data import generate_problems
     from shared.errors import DivergedError
+    from backends import make_backend
 
     monkeypatch.setattr(training, "score_group", lambda texts, problem, config: (
         [float(i % 2) for i in range(len(texts))], [training.reward_components(t, problem) for t in texts]))
@@ -365,6 +367,7 @@ def test_a_diverging_grpo_update_stops_at_its_step(backend_name, tiny_model_dir,
     records = []
     # Adam's first step moves each weight by about lr: 1e30 is still finite, the next step's sampling is not
     with pytest.raises(DivergedError, match=r"^GRPO diverged at step [12] ") as stopped:
-        training.train_grpo(backend, generate_problems(4, 0, held_out=False), settings, 0, records.append)
+        for _ in training.train_grpo(backend, generate_problems(4, 0, held_out=False), settings, 0, records.append):
+            pass
     step = int(str(stopped.value).split()[4])
     assert [r["step"] for r in records] == list(range(1, step))  # nothing ran or was logged after it

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from shared.checkpoints import save_checkpoint
 from shared.config import ModelConfig
-from shared.conversion import unpack_quantized, weights_sha256
+from shared.conversion import unpack_quantized
+from shared.manifest import weights_sha256
 from shared.tensor_files import Tensor, from_float32, read_tensors, write_tensors
 from shared.tiny_model import TinyModelSpec, write_tiny_model
 from reasoning_mlx.backend import MLXBackend
@@ -265,6 +266,7 @@ def test_corrupted_and_unknown_checkpoints_are_one_line_errors(mlx_checkpoint, t
     assert taken.returncode == 1 and "already exists" in taken.stderr
 
 
+@pytest.mark.slow  # four CLI runs
 def test_eval_runs_either_backends_adapter_on_either_backend(mlx_checkpoint, peft_checkpoint):
     for checkpoint in (mlx_checkpoint, peft_checkpoint):
         outputs = [run_cli("infer", "--checkpoint", checkpoint, "--backend", backend) for backend in ("torch", "mlx")]

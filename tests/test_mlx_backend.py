@@ -11,10 +11,10 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from shared.backend import pack_batch
-from shared.config import ModelConfig
+from shared.config import ModelConfig, SFTConfig
 from shared.data import Problem
 from shared.errors import UserError
+from shared.padding import pack_batch
 from shared.prompts import prompt_ids, target_ids
 from reasoning_mlx.backend import MLXBackend
 
@@ -38,7 +38,7 @@ def sft_batch(backend, problems=PROBLEMS):
 
 def train_a_little(backend, steps=5, lr=3e-3) -> list[float]:
     batch = sft_batch(backend)
-    return [backend.sft_step(batch, lr=lr, max_grad_norm=1.0, weight_decay=0.0)["loss"] for _ in range(steps)]
+    return [backend.sft_step(batch, lr, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))["loss"] for _ in range(steps)]
 
 
 def run_plain_python(code: str) -> str:
@@ -147,7 +147,7 @@ def test_optimizer_moments_travel_with_the_checkpoint(tiny_model_dir, tmp_path):
     backend.save(tmp_path)
     resumed = loaded(tmp_path)
     for model in (backend, resumed):
-        model.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+        model.sft_step(batch, 1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     mine, theirs = (dict(tree_flatten(b.model.parameters())) for b in (backend, resumed))
     assert max(np.abs(np.array(mine[n]) - np.array(theirs[n])).max() for n in mine) <= 1e-6
 

@@ -16,12 +16,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from shared.backend import GRPOBatch, leading_padding, pack_batch, roll_rows
-from shared.config import ADAM_BETAS, GRPOConfig, ModelConfig
+from shared.backend import GRPOBatch
+from shared.config import ADAM_BETAS, GRPOConfig, ModelConfig, SFTConfig
 from shared.data import Problem, generate_problems
 from shared.grpo import LOSS_VARIANTS
+from shared.padding import pack_batch
 from shared.prompts import encode_prompts, encode_targets
 from reasoning_mlx.backend import MLXBackend
+from reasoning_mlx.batching import leading_padding, roll_rows
 from reasoning_mlx.losses import token_logprobs as mlx_token_logprobs
 from reasoning_torch.backend import TorchBackend
 from reasoning_torch.losses import sft_loss, to_tensors
@@ -41,7 +43,7 @@ def trained_dir(tiny_model_dir, tmp_path_factory):
     prompts, targets = encode_prompts(backend.tokenizer, problems), encode_targets(backend.tokenizer, problems)
     for start in range(0, len(problems), 32):
         batch = pack_batch(prompts[start:start + 32], targets[start:start + 32], PAD)
-        backend.sft_step(batch, lr=3e-3, max_grad_norm=1.0, weight_decay=0.0)
+        backend.sft_step(batch, 3e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     folder = tmp_path_factory.mktemp("trained")
     backend.model.save_pretrained(str(folder), safe_serialization=True)
     backend.tokenizer.save_pretrained(str(folder))
@@ -91,8 +93,9 @@ def test_completion_logprobs_match_with_left_padding(trained_dir):
 def test_sft_loss_matches(trained_dir):
     torch_backend, mlx_backend = both(trained_dir)
     batch = sample_batch(torch_backend.tokenizer)
-    expected = torch_backend.sft_step(batch, lr=0.0, max_grad_norm=1.0, weight_decay=0.0)["loss"]
-    assert abs(mlx_backend.sft_step(batch, lr=0.0, max_grad_norm=1.0, weight_decay=0.0)["loss"] - expected) <= 1e-5
+    settings = SFTConfig(max_grad_norm=1.0, weight_decay=0.0)
+    expected = torch_backend.sft_step(batch, 0.0, settings)["loss"]
+    assert abs(mlx_backend.sft_step(batch, 0.0, settings)["loss"] - expected) <= 1e-5
 
 
 def grpo_batch(torch_backend, rng, temperature):
@@ -182,8 +185,8 @@ def adamw_step_from_torch_gradients(torch_backend, mlx_backend, batch) -> float:
     total = int(batch.completion_mask.sum())
     sft_loss(torch_backend.model, to_tensors(batch, torch_backend.device), total).backward()
     gradients = [(n, mx.array(p.grad.numpy())) for n, p in torch_backend.model.named_parameters()]
-    mlx_backend.optimizer_step(tree_unflatten(gradients), lr=1e-3, max_grad_norm=1.0, weight_decay=0.01)
-    torch_backend.optimizer_step(lr=1e-3, max_grad_norm=1.0, weight_decay=0.01)
+    mlx_backend.apply_gradients(tree_unflatten(gradients), 1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.01))
+    torch_backend.optimizer_step(1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.01))
     expected = {n: p.detach().numpy() for n, p in torch_backend.model.named_parameters()}
     got = dict(tree_flatten(mlx_backend.model.parameters()))
     assert set(got) == set(expected)
@@ -224,6 +227,7 @@ def test_mlx_groups_prefilled_once_and_finished_rows_dropped_decode_each_row_as_
     assert len({len(row) for row in alone}) > 1  # rows finished at different steps, so some were dropped
 
 
+@pytest.mark.slow  # a training run per backend
 def test_whole_training_run_matches(tmp_path):
     """`train --mode full` on a tiny budget: the same SFT loss curve, the same evaluation within noise.
 

@@ -33,6 +33,7 @@ def test_plots_follow_the_phases_present(tmp_path):
     assert [p.name for p in write_plots(sft + evals, tmp_path)] == ["loss.png", "accuracy.png"]
 
 
+@pytest.mark.slow  # a training run
 def test_wandb_offline_run_holds_metrics_config_and_sample_tables(tmp_path):
     pytest.importorskip("wandb")
     result = run_cli("train", *TINY_BUDGET, "--wandb-project", "local-reasoning-test", "--output-dir", tmp_path,
@@ -51,6 +52,7 @@ def test_wandb_offline_run_holds_metrics_config_and_sample_tables(tmp_path):
     assert len(tables["after_grpo"]["data"]) == 5 and tables["after_grpo"]["data"][0][0].startswith("Calculate ")
 
 
+@pytest.mark.slow  # two training runs
 def test_sweep_writes_the_results_table_per_sample_count(tmp_path):
     budget = [a for a in TINY_BUDGET if a not in ("--num-samples", "96")]
     result = run_cli("sweep", "--num-samples", "64,32", *budget, "--output-dir", tmp_path)

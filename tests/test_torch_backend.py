@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.backend import GRPOBatch, pack_batch
-from shared.config import GRPOConfig, ModelConfig
+from shared.backend import GRPOBatch
+from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.data import Problem, reasoning_target
 from shared.grpo import LOSS_VARIANTS, grpo_loss as reference_grpo_loss
+from shared.padding import pack_batch
 from shared.prompts import prompt_ids, target_ids
 from reasoning_torch.backend import TorchBackend
 from reasoning_torch.losses import grpo_loss, to_tensors
@@ -98,7 +99,7 @@ def test_micro_batches_give_the_same_update(tiny_model_dir):
         backend.load(tiny_model_dir, FULL, trainable=True)
         prompts, completions = encoded(backend, PROBLEMS + [Problem((5, 6, 7))])
         batch = pack_batch(prompts, completions, PAD)
-        sft = backend.sft_step(batch, lr=1e-3, max_grad_norm=1e9, weight_decay=0.0)
+        sft = backend.sft_step(batch, 1e-3, SFTConfig(max_grad_norm=1e9, weight_decay=0.0))
         stats = backend.grpo_step(GRPOBatch(batch, np.array([1.0, -1.0, 0.5, -0.5], np.float32), None, None),
                                   1e-3, GRPOConfig(loss_variant="dapo", max_grad_norm=1e9))
         results.append((sft["loss"], stats["loss"], backend.model.model.embed_tokens.weight.detach().clone()))
@@ -110,7 +111,7 @@ def test_micro_batches_give_the_same_update(tiny_model_dir):
 def test_sft_steps_lower_the_loss(backend):
     prompts, completions = encoded(backend)
     batch = pack_batch(prompts, completions, PAD)
-    losses = [backend.sft_step(batch, lr=3e-3, max_grad_norm=1.0, weight_decay=0.0)["loss"] for _ in range(15)]
+    losses = [backend.sft_step(batch, 3e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))["loss"] for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -136,7 +137,7 @@ def test_lora_trains_only_adapters_and_reference_is_the_base(tiny_model_dir):
     prompts, completions = encoded(backend)
     batch = pack_batch(prompts, completions, PAD)
     for _ in range(3):
-        backend.sft_step(batch, lr=1e-2, max_grad_norm=1.0, weight_decay=0.0)
+        backend.sft_step(batch, 1e-2, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     policy = backend.completion_logprobs(batch)
     reference = backend.completion_logprobs(batch, reference=True)
     plain = TorchBackend(device="cpu")
@@ -150,18 +151,18 @@ def test_optimizer_moments_travel_with_the_checkpoint(backend, tmp_path):
     prompts, completions = encoded(backend)
     batch = pack_batch(prompts, completions, PAD)
     for _ in range(2):
-        backend.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+        backend.sft_step(batch, 1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     backend.save(tmp_path)
     assert (tmp_path / "optimizer.safetensors").exists()
     resumed = TorchBackend(device="cpu")
     resumed.load(tmp_path, FULL, trainable=True)
-    backend.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
-    resumed.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    backend.sft_step(batch, 1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
+    resumed.sft_step(batch, 1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     for (name, mine), (_, theirs) in zip(backend.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5, msg=name)
     (tmp_path / "optimizer.safetensors").unlink()
     fresh = TorchBackend(device="cpu")
     fresh.load(tmp_path, FULL, trainable=True)
-    fresh.sft_step(batch, lr=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    fresh.sft_step(batch, 1e-3, SFTConfig(max_grad_norm=1.0, weight_decay=0.0))
     embedding = lambda b: b.model.model.embed_tokens.weight
     assert not torch.allclose(embedding(fresh), embedding(resumed), atol=1e-6)  # the moments mattered

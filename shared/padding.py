@@ -1,0 +1,69 @@
+"""Token-id lists packed into padded numpy blocks, the form both backends consume."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TokenBatch:
+    """Prompts left-padded, completions right-padded, in one (B, T) block.
+
+    Positions follow the mask (cumsum - 1), exactly as during generation with left padding.
+    `completion_mask[b, t]` is 1 where token t is a completion token: a target of the loss.
+    """
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    position_ids: np.ndarray
+    completion_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def part(self, rows: np.ndarray, columns: slice) -> "TokenBatch":
+        return TokenBatch(*(array[rows][:, columns] for array in
+                            (self.input_ids, self.attention_mask, self.position_ids, self.completion_mask)))
+
+
+def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
+    prompt_width = max(len(p) for p in prompts)
+    completion_width = max(len(c) for c in completions)
+    size = (len(prompts), prompt_width + completion_width)
+    input_ids = np.full(size, pad_id, dtype=np.int64)
+    attention_mask = np.zeros(size, dtype=np.int64)
+    completion_mask = np.zeros(size, dtype=np.int64)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start, end = prompt_width - len(prompt), prompt_width + len(completion)
+        input_ids[row, start:end] = prompt + completion
+        attention_mask[row, start:end] = 1
+        completion_mask[row, prompt_width:end] = 1
+    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+    return TokenBatch(input_ids, attention_mask, position_ids, completion_mask)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) for generation: prompts right-aligned so every row's next token is at the end."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """(each prompt once, in order of first appearance; for each row, the index of its prompt there):
+    a GRPO group repeats its prompt G times, and its prefill need run once."""
+    first: dict[tuple[int, ...], int] = {}
+    index = np.array([first.setdefault(tuple(p), len(first)) for p in prompts])
+    return [list(p) for p in first], index
+
+
+def trim_completion(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """Cut a sampled row after its first stop token (kept: the policy must learn to stop)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens
