@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 
 from shared.checkpoints import is_out_of_space
 from shared.config import EvalConfig
+from shared.distributed import launched_processes
 from shared.errors import Interrupted, UserError
 from shared.grpo import LOSS_VARIANTS
 from shared.progress import setup_logging
@@ -97,6 +99,8 @@ def train(**options) -> None:
         logger.info("resuming from %s (%s step %d of %d)", point[1], point[0].phase.upper(), point[0].step,
                     point[0].total_steps)
     results, out_of_distribution = run_training(config, backend, point)
+    if backend.rank:  # one process of a data-parallel run reports
+        return
     click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
     if out_of_distribution:
         click.echo("\nout of distribution:\n" + results_table(out_of_distribution, first_column="problem set"))
@@ -255,19 +259,21 @@ def convert(checkpoint: Path, target: str, output: Path, source: str | None, mer
 
 
 def main() -> int:
+    # a data-parallel run's processes each say which one they are
+    who = f"rank {os.environ.get('RANK', '?')}: " if launched_processes() > 1 else ""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as error:  # bad flags and values: one line, exit 2
-        click.echo(f"error: {error.format_message()}", err=True)
+        click.echo(f"error: {who}{error.format_message()}", err=True)
         return error.exit_code
     except Interrupted as error:  # what was saved and how to continue; not an error
-        click.echo(str(error), err=True)
+        click.echo(f"{who}{error}", err=True)
         return error.exit_code
     except UserError as error:
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {who}{error}", err=True)
         return error.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -276,8 +282,13 @@ def main() -> int:
         if not is_out_of_space(error):
             raise
         where = f"to write {error.filename}" if error.filename else "on the disk"
-        click.echo(f"error: no space left {where} ({error.strerror}); free some and run the command again "
+        click.echo(f"error: {who}no space left {where} ({error.strerror}); free some and run the command again "
                    "(a train run continues from its last checkpoint)", err=True)
+        return 1
+    except RuntimeError as error:  # a collective failed: another process died or stopped answering
+        if not who:
+            raise
+        click.echo(f"error: {who}lost the other processes ({str(error).splitlines()[0][:160]})", err=True)
         return 1
     return 0
 

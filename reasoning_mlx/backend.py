@@ -25,6 +25,8 @@ from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_o
 class MLXBackend:
     name = "mlx"
 
+    rank, world_size = 0, 1  # one process: data-parallel MLX (mlx.launch) is not supported yet
+
     def __init__(self, micro_batch_size: int = 64):
         self.micro_batch_size = micro_batch_size
         self.loaded: LoadedModel | None = None
@@ -40,6 +42,9 @@ class MLXBackend:
 
     def seed(self, seed: int) -> None:
         mx.random.seed(seed)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        return np.array(values, dtype=np.float64)
 
     def set_reference(self, folder: Path | None = None) -> None:
         if self.loaded.lora:
@@ -113,9 +118,9 @@ class MLXBackend:
     def weights_are_finite(self) -> bool:
         return all(mx.isfinite(value).all().item() for _, value in tree_flatten(self.model.trainable_parameters()))
 
-    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig) -> dict:
+    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig, total_tokens: int | None = None) -> dict:
         _, ids, mask = right_padded(batch)
-        total_tokens = int(mask.sum())
+        total_tokens = total_tokens or int(mask.sum())
 
         def loss_fn(ids_part, mask_part):
             logprobs = token_logprobs(self.model, ids_part) * mask_part

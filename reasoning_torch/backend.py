@@ -14,6 +14,7 @@ from shared.grpo import policy_drift
 from shared.padding import TokenBatch
 from shared.prompts import stop_token_ids
 from reasoning_torch.batching import micro_batches
+from reasoning_torch.distributed import all_sum, join_process_group, process_device, sum_gradients
 from reasoning_torch.generate import generate
 from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
 from reasoning_torch.model import load_model, pick_device, save_model
@@ -24,7 +25,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, micro_batch_size: int = 64, device: str | None = None):
-        self.device = torch.device(device) if device else pick_device()
+        self.rank, self.world_size = join_process_group()
+        self.device = torch.device(device) if device else process_device() or pick_device()
         self.micro_batch_size = micro_batch_size
         self.model = self.tokenizer = self.optimizer = self.reference = None
         self.saved_optimizer_state: dict[str, torch.Tensor] = {}
@@ -45,6 +47,11 @@ class TorchBackend:
         else:
             self.reference, _ = load_model(folder, ModelConfig(finetune="full"), self.device, trainable=False)
         self.reference.eval().requires_grad_(False)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return np.array(values, dtype=np.float64)
+        return all_sum(values, self.device)
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -93,6 +100,8 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.world_size > 1:
+            sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -102,8 +111,8 @@ class TorchBackend:
         with torch.no_grad():
             return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
 
-    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig) -> dict:
-        total_tokens = int(batch.completion_mask.sum())
+    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig, total_tokens: int | None = None) -> dict:
+        total_tokens = total_tokens or int(batch.completion_mask.sum())
         loss = 0.0
         for _, _, part in self.parts(batch):
             with self.autocast():
@@ -113,6 +122,8 @@ class TorchBackend:
         return {"loss": loss, "grad_norm": self.optimizer_step(lr, settings)}
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict:
+        if batch.tokens is None:  # a data-parallel process whose groups have no signal: its zero gradient
+            return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": self.optimizer_step(lr, settings)}
         tokens, totals = batch.tokens, batch.loss_totals(settings.max_new_tokens)
         loss, new_logprobs = 0.0, np.zeros(tokens.input_ids.shape, dtype=np.float32)
         for rows, columns, part in self.parts(tokens):

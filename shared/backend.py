@@ -17,7 +17,7 @@ from shared.padding import TokenBatch
 
 @dataclass
 class GRPOBatch:
-    tokens: TokenBatch
+    tokens: TokenBatch | None  # None: no rows on this process (it still joins the gradient sum)
     advantages: np.ndarray  # (B,)
     old_logprobs: np.ndarray | None  # (B, T); None: the batch was just sampled by this policy
     ref_logprobs: np.ndarray | None  # (B, T); needed when beta > 0
@@ -34,6 +34,8 @@ class GRPOBatch:
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a Hugging Face tokenizer (mlx-lm wraps the same one)
+    rank: int  # this process's place in a data-parallel run (0 writes the outputs)
+    world_size: int  # processes in the run (1 without a launcher)
 
     def load(self, model_path: Path, model: ModelConfig, trainable: bool = True) -> None:
         """Load a model folder (full weights, or a LoRA adapter folder that names its base).
@@ -44,6 +46,9 @@ class Backend(Protocol):
 
     def seed(self, seed: int) -> None:
         """Seed the framework's global RNG (LoRA initialisation, dropout): the driver reseeds every step."""
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """`values` summed element-wise over the processes of the run, as float64 (a copy when alone)."""
 
     def set_reference(self, folder: Path | None = None) -> None:
         """The KL term's reference policy: the current weights, or those saved in `folder` (a resumed
@@ -58,11 +63,13 @@ class Backend(Protocol):
                             reference: bool = False) -> np.ndarray:
         """(B, T) log-prob of each token given its prefix (0 outside completion tokens)."""
 
-    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig) -> dict:
-        """One optimiser step on the mean cross-entropy of completion tokens; returns loss and grad norm."""
+    def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig, total_tokens: int | None = None) -> dict:
+        """One optimiser step on the cross-entropy of completion tokens over `total_tokens` (the whole
+        step's, over every process; default: this batch's); returns loss and grad norm."""
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict:
-        """One optimiser step on the GRPO loss; returns loss, kl, clip fraction and grad norm."""
+        """One optimiser step on the GRPO loss; returns loss, kl, clip fraction and grad norm. Gradients
+        are summed over the processes of the run; `batch.tokens` None: this process has no rows."""
 
     def weights_are_finite(self) -> bool:
         """No NaN or inf in the trained weights (checked after every optimiser step)."""

@@ -5,6 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from shared.distributed import launched_processes
 from shared.errors import UsageError
 from shared.grpo import LOSS_VARIANTS
 from shared.rewards import RewardWeights
@@ -85,6 +86,7 @@ class RunConfig:
     mode: str = option("full", "sft, grpo (from --sft-checkpoint) or full (sft then grpo)")
     backend: str = option("auto", "auto, torch or mlx")
     seed: int = option(42, "seed of data, initialisation and sampling")
+    processes: int = option(1, "data-parallel processes, as the launcher (torchrun, accelerate launch) started them")
     sft_checkpoint: str | None = option(None, "checkpoint GRPO starts from (mode grpo)")
     output_dir: str = option("./output", "where checkpoints, metrics and eval.json go")
     wandb_project: str | None = option(None, "Weights & Biases project; none: no W&B")
@@ -164,6 +166,18 @@ def validate(config: RunConfig) -> None:
         raise UsageError("--mode grpo needs --sft-checkpoint PATH (a checkpoint from --mode sft)")
     if config.model.finetune not in ("lora", "full"):
         raise UsageError("--finetune must be lora or full")
+    check_batches_fill_processes(config)
+
+
+def check_batches_fill_processes(config: RunConfig) -> None:
+    """Every process of a data-parallel run needs a row of every batch (a GRPO group, an SFT problem)."""
+    batches = {"--sft-batch-size": (config.sft.batch_size, config.sft.num_samples, "--num-samples"),
+               "--prompts-per-step": (config.grpo.prompts_per_step, config.grpo.num_prompts, "--grpo-samples")}
+    for flag, (size, count, count_flag) in batches.items():
+        last = count % size or size
+        if min(size, count, last) < config.processes:
+            raise UsageError(f"{flag} {size} with {count_flag} {count} gives a batch of {min(size, count, last)}, "
+                             f"fewer than the {config.processes} processes: each needs at least one")
 
 
 # Where each `train` option lands in RunConfig ("section.field"); --save-every sets both phases.
@@ -198,7 +212,8 @@ def run_config_from_options(options: dict) -> RunConfig:
     """The `train` command's options (None where not given) over the model's preset over the defaults."""
     sections: dict[str, dict] = {"model": {}, "sft": {}, "grpo": {}, "eval": {}}
     top_level = {"backend": options["backend"], "output_dir": str(options["output_dir"]),
-                 "wandb_project": None if options["no_wandb"] else options["wandb_project"]}
+                 "wandb_project": None if options["no_wandb"] else options["wandb_project"],
+                 "processes": launched_processes()}
     for name, value in option_values(options).items():
         section, _, field_name = OPTION_FIELDS[name].rpartition(".")
         if not section:

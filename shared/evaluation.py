@@ -9,6 +9,7 @@ import numpy as np
 from shared.backend import Backend
 from shared.config import EvalConfig
 from shared.data import EVAL_SETS, Problem, generate_problems
+from shared.distributed import gather_shards, shard
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts
 from shared.rewards import RewardWeights, combined_reward, reward_components
@@ -65,18 +66,21 @@ def pass_at_k(problems: list[Problem], completions: list[list[str]]) -> float:
 
 def complete(backend: Backend, problems: list[Problem], config: EvalConfig, label: str, temperature: float = 0.0,
              seed: int | None = None) -> tuple[list[str], list[int]]:
-    """One completion per problem, in batches: texts and token counts."""
-    tokenizer = backend.tokenizer
+    """One completion per problem, in batches: texts and token counts. In a data-parallel run each
+    process completes its share and every process gets them all."""
+    tokenizer, rank, world_size = backend.tokenizer, backend.rank, backend.world_size
+    mine = shard(problems, rank, world_size)
     completions, lengths = [], []
-    with progress_bar(len(problems), label, unit="problem") as bar:
-        for start in range(0, len(problems), config.batch_size):
-            chunk = problems[start:start + config.batch_size]
+    with progress_bar(len(mine), label, unit="problem") as bar:
+        for start in range(0, len(mine), config.batch_size):
+            chunk = mine[start:start + config.batch_size]
             rows = backend.generate(encode_prompts(tokenizer, chunk), config.max_new_tokens, temperature,
-                                    seed=None if seed is None else seed + start)
+                                    seed=None if seed is None else (seed + start) * world_size + rank)
             completions += [decode_completion(tokenizer, row) for row in rows]
             lengths += [len(row) for row in rows]
             bar.update(len(chunk))
-    return completions, lengths
+    return (gather_shards(completions, rank, world_size, backend.all_sum),
+            gather_shards(lengths, rank, world_size, backend.all_sum))
 
 
 def evaluate(backend: Backend, problems: list[Problem], config: EvalConfig, label: str = "eval") -> EvalResult:

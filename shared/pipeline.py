@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from shared.backend import Backend
 from shared.checkpoints import save_checkpoint
 from shared.config import RunConfig
@@ -55,14 +57,16 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     phase saving as it goes. Returns held-out results by stage and, after the last phase, by
     out-of-distribution set."""
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     state, resume_folder = resume if resume else (RunState(), None)
-    if resume is None:
-        forget_previous_run(output)
-    write_run_status(output, finished=False)
-    (output / "run_config.json").write_text(config.to_json())
+    writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
+    if writes:
+        output.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            forget_previous_run(output)
+        write_run_status(output, finished=False)
+        (output / "run_config.json").write_text(config.to_json())
     metrics = MetricsLog(output / "metrics.jsonl", config.wandb_project, json.loads(config.to_json()),
-                         keep_records=state.metrics_records)
+                         keep_records=state.metrics_records, writes=writes)
     run = Run(config, backend, output, metrics, state,
               generate_problems(config.eval.num_problems, config.seed, held_out=True))
     out_of_distribution: dict[str, EvalResult] = {}
@@ -71,7 +75,7 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
             backend.load(resume_folder, config.model, trainable=True)
         if config.mode in ("sft", "full"):
             if resume is None:
-                start_from(run, resolve_model(config.model.name))
+                start_from(run, model_folder_once(run))
                 evaluate_stage(run, "before_sft")
             if state.phase == "sft" and not state.phase_complete:
                 train_phase(run, "sft")
@@ -97,8 +101,17 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
         raise Interrupted(f"interrupted; {hint}") from None
     finally:
         metrics.close()
-    write_outputs(run, out_of_distribution)
+    if writes:
+        write_outputs(run, out_of_distribution)
     return state.results, out_of_distribution
+
+
+def model_folder_once(run: Run) -> Path | str:
+    """The run's model, built or imported on first use by the first process while the others wait."""
+    if run.backend.rank == 0:
+        folder = resolve_model(run.config.model.name)
+    run.backend.all_sum(np.zeros(1))  # a barrier
+    return folder if run.backend.rank == 0 else resolve_model(run.config.model.name)
 
 
 def start_from(run: Run, model_path: Path | str) -> None:
@@ -124,17 +137,26 @@ def train_phase(run: Run, phase: str) -> None:
         for step in steps(run.backend, problems, settings, config.seed, run.metrics, start_step):
             if config.eval.every_steps and step % config.eval.every_steps == 0:
                 evaluate_and_log(run, phase, f"{phase} step {step}", run.eval_problems, step)
-            if step < total and (stop.requested or (settings.save_every and step % settings.save_every == 0)):
+            stopping = stop_agreed(run, stop.requested)
+            if step < total and (stopping or (settings.save_every and step % settings.save_every == 0)):
                 folder = periodic_folder(run.output, phase, step)
                 save(run, folder, phase, step, total, carried + time.perf_counter() - began)
-                drop_older_periodic(run.output, keep=folder)
-                if stop.requested:
+                if run.backend.rank == 0:
+                    drop_older_periodic(run.output, keep=folder)
+                if stopping:
                     raise Interrupted(f"stopped at {phase.upper()} step {step} of {total}; saved {folder}; "
                                       f"continue with: python cli.py train --resume --output-dir {run.output}")
         save(run, run.output / FINAL_FOLDERS[phase], phase, total, total, carried + time.perf_counter() - began)
-    if stop.requested:
+    if stop_agreed(run, stop.requested):
         raise Interrupted(f"stopped after {phase.upper()}; saved {run.output / FINAL_FOLDERS[phase]}; "
                           f"continue with: python cli.py train --resume --output-dir {run.output}")
+
+
+def stop_agreed(run: Run, requested: bool) -> bool:
+    """Ctrl-C stops every process of a run at the same step, if any of them got it."""
+    if run.backend.world_size == 1:
+        return requested
+    return bool(run.backend.all_sum(np.array([float(requested)]))[0])
 
 
 def evaluate_stage(run: Run, stage: str) -> None:
@@ -155,7 +177,8 @@ def save(run: Run, folder: Path, phase: str, step: int, total: int, seconds: flo
     state = run.state
     state.phase, state.step, state.total_steps, state.metrics_records = phase, step, total, len(run.metrics.records)
     state.timings[f"{phase}_s"] = seconds
-    save_checkpoint(run.backend, folder, run.config.to_json(), {STATE_FILE: state.to_json()})
+    if run.backend.rank == 0:
+        save_checkpoint(run.backend, folder, run.config.to_json(), {STATE_FILE: state.to_json()})
 
 
 def write_outputs(run: Run, out_of_distribution: dict[str, EvalResult]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared.config import OPTION_FIELDS, RunConfig, config_field, option_values, run_config_from_options
+from shared.distributed import launched_processes
 from shared.errors import UsageError, UserError
 from shared.evaluation import EvalResult
 from shared.hardware import resolve_backend
@@ -145,6 +146,9 @@ def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig,
         if name in given and value != saved and not (name == "trust_remote_code" and not saved):
             raise UsageError(f"{given[name]} {value} differs from the run's {saved} ({output}/run_config.json); "
                              "--resume continues with the run's own settings")
+    if config.processes != launched_processes():
+        raise UsageError(f"this run trained with {config.processes} process(es); resume it with the same number "
+                         f"(it was launched with {launched_processes()})")
     if options["backend"] not in ("auto", config.backend):
         raise UsageError(f"this run trained with --backend {config.backend}; it resumes on the same backend")
     resolve_backend(config.backend, Path(config.sft_checkpoint) if config.mode == "grpo" else None)  # or an error

@@ -37,11 +37,13 @@ def run_sweep(config: RunConfig, counts: list[int], new_backend: Callable[[], Ba
                                   output_dir=str(output / f"samples_{count}"))
         logger.info("sweep: %d SFT problems -> %s", count, run.output_dir)
         began = time.perf_counter()
-        results, _ = run_training(run, new_backend())
+        backend = new_backend()
+        results, _ = run_training(run, backend)
         rows.append({"num_samples": count, "sft_accuracy": results["after_sft"].accuracy,
                      "grpo_accuracy": results["after_grpo"].accuracy if "after_grpo" in results else None,
                      "minutes": (time.perf_counter() - began) / 60})
-        write_sweep(output, rows, config)  # after every run, so an interrupted sweep keeps what it measured
+        if backend.rank == 0:  # after every run, so an interrupted sweep keeps what it measured
+            write_sweep(output, rows, config)
     return rows
 
 

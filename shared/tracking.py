@@ -14,19 +14,22 @@ class MetricsLog:
     """Writes metrics.jsonl; keeps this run's records for the report; mirrors to W&B (offline too).
 
     A resumed run keeps the first `keep_records` lines (those its checkpoint had seen) and drops the
-    rest, which the resumed steps write again.
+    rest, which the resumed steps write again. With `writes` False (the other processes of a
+    data-parallel run) it keeps the records and writes nothing.
     """
 
     def __init__(self, path: Path, wandb_project: str | None = None, run_config: dict | None = None,
-                 keep_records: int = 0):
-        path.parent.mkdir(parents=True, exist_ok=True)
+                 keep_records: int = 0, writes: bool = True):
         kept = path.read_text().splitlines()[:keep_records] if keep_records and path.exists() else []
         self.records: list[dict] = [json.loads(line) for line in kept]
+        self.file = self.wandb = None
+        if not writes:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.tmp")
         staging.write_text("".join(line + "\n" for line in kept))
         os.replace(staging, path)
         self.file = open(path, "a", buffering=1)
-        self.wandb = None
         if wandb_project:
             try:
                 import wandb
@@ -36,8 +39,10 @@ class MetricsLog:
                 self.wandb = wandb.init(project=wandb_project, config=run_config, dir=str(path.parent))
 
     def __call__(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
         self.records.append(record)
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             phase = record.get("phase", "run")
             stage = f"/{record['stage']}" if "stage" in record else ""
@@ -52,7 +57,8 @@ class MetricsLog:
             self.wandb.log({f"samples/{name}": table})
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -11,6 +11,7 @@ import numpy as np
 from shared.backend import Backend, GRPOBatch
 from shared.config import GRPOConfig, SFTConfig
 from shared.data import Problem
+from shared.distributed import gather_shards, shard
 from shared.errors import DivergedError
 from shared.grpo import group_advantages, rows_with_signal
 from shared.padding import pack_batch
@@ -64,18 +65,38 @@ def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed
     with progress_bar(total_steps, "SFT", initial=start_step) as bar:
         for step, epoch, indices in batches:
             backend.seed(step_seed(seed, "sft", step))
-            chosen = [examples[i] for i in indices]
+            chosen = [examples[i] for i in shard(indices, backend.rank, backend.world_size)]
             batch = pack_batch([p for p, _ in chosen], [c for _, c in chosen], tokenizer.pad_token_id)
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
             began = time.perf_counter()
-            stats = backend.sft_step(batch, lr, config)
+            total_tokens, tokens = summed(backend, int(batch.completion_mask.sum()), int(batch.attention_mask.sum()))
+            stats = backend.sft_step(batch, lr, config, int(total_tokens))
+            stats["loss"] = summed(backend, stats["loss"])[0]  # each process's part is over the step's tokens
             seconds = time.perf_counter() - began
             check_finite(backend, stats, "SFT", step, "--sft-lr")
-            log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats,
-                 "tokens_per_s": int(batch.attention_mask.sum()) / seconds})
+            log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats, "step_s": seconds,
+                 "tokens_per_s": tokens / seconds, **processes(backend)})
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
             bar.update()
             yield step
+
+
+def summed(backend: Backend, *values):
+    """Each value summed over the processes of a data-parallel run (as it is, alone)."""
+    if backend.world_size == 1:
+        return list(values)
+    return [float(v) for v in backend.all_sum(np.array(values, dtype=np.float64))]
+
+
+def every_group(backend: Backend, rows: list, group_size: int) -> list:
+    """Per-row values of this process's groups -> those of every process's groups, in the step's order."""
+    groups = [rows[start:start + group_size] for start in range(0, len(rows), group_size)]
+    return sum(gather_shards(groups, backend.rank, backend.world_size, backend.all_sum), [])
+
+
+def processes(backend: Backend) -> dict:
+    """A data-parallel run says so in each step's record."""
+    return {"processes": backend.world_size} if backend.world_size > 1 else {}
 
 
 def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple[list[float], list[dict]]:
@@ -93,12 +114,12 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
     with progress_bar(total_steps, "GRPO", initial=start_step) as bar:
         for step, epoch, indices in batches:
             backend.seed(step_seed(seed, "grpo", step))
-            chosen = [problems[i] for i in indices]
+            chosen = [problems[i] for i in shard(indices, backend.rank, backend.world_size)]  # whole groups
             began = time.perf_counter()
             prompts = [ids for ids in encode_prompts(tokenizer, chosen) for _ in range(config.group_size)]
             try:
                 completions = backend.generate(prompts, config.max_new_tokens, config.temperature,
-                                               seed=seed * 100_003 + step - 1)
+                                               seed=(seed * 100_003 + step - 1) * backend.world_size + backend.rank)
             except DivergedError as error:
                 raise diverged("GRPO", step, str(error), "--grpo-lr") from None
             texts = [decode_completion(tokenizer, c) for c in completions]
@@ -113,25 +134,38 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             trained = rows_with_signal(advantages, config.beta)
             rollout_seconds = time.perf_counter() - began
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
+            # the loss's normalisers count every process's samples, so the summed gradients are the step's
+            sequences, completion_tokens, trained_sequences = summed(
+                backend, len(prompts), sum(len(c) for c in completions), len(trained))
             stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}  # no signal: no update
-            if len(trained):
-                tokens = pack_batch([prompts[i] for i in trained], [completions[i] for i in trained],
-                                    tokenizer.pad_token_id)
-                ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta else None
-                old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 else None
-                batch = GRPOBatch(tokens, advantages[trained], old, ref, sampled_sequences=len(prompts),
-                                  sampled_completion_tokens=sum(len(c) for c in completions))
+            if trained_sequences:
+                tokens = ref = old = None
+                if len(trained):
+                    tokens = pack_batch([prompts[i] for i in trained], [completions[i] for i in trained],
+                                        tokenizer.pad_token_id)
+                    ref = backend.completion_logprobs(tokens, config.temperature, reference=True) if config.beta \
+                        else None
+                    old = backend.completion_logprobs(tokens, config.temperature) if config.updates_per_batch > 1 \
+                        else None
+                batch = GRPOBatch(tokens, advantages[trained], old, ref, sampled_sequences=int(sequences),
+                                  sampled_completion_tokens=int(completion_tokens))
                 for _ in range(config.updates_per_batch):
                     stats = backend.grpo_step(batch, lr, config)
                     check_finite(backend, stats, "GRPO", step, "--grpo-lr")
+                if backend.world_size > 1:  # loss adds up over processes; the token fractions are averaged
+                    loss, clipped, kl = summed(backend, stats["loss"], stats["clip_fraction"], stats["kl"])
+                    stats.update(loss=loss, clip_fraction=clipped / backend.world_size, kl=kl / backend.world_size)
+            rewards = gather_shards(rewards, backend.rank, backend.world_size, backend.all_sum)
+            components = every_group(backend, components, config.group_size)
+            lengths = every_group(backend, [len(c) for c in completions], config.group_size)
             means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "reward": float(np.mean(rewards)), **means,
-                 "completion_tokens": float(np.mean([len(c) for c in completions])),
-                 "trained_sequences": len(trained), "rollout_s": rollout_seconds,
+                 "completion_tokens": float(np.mean(lengths)),
+                 "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds,
                  "step_s": time.perf_counter() - began,
-                 "tokens_per_s": sum(len(p) + len(c) for p, c in zip(prompts, completions)) /
-                 (time.perf_counter() - began)})
+                 "tokens_per_s": summed(backend, sum(len(p) + len(c) for p, c in zip(prompts, completions)))[0] /
+                 (time.perf_counter() - began), **processes(backend)})
             bar.set_postfix(reward=f"{np.mean(rewards):.3f}", acc=f"{means['reward_correctness']:.2f}")
             bar.update()
             yield step
