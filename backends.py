@@ -1,12 +1,11 @@
 """Constructing a backend: the one module that imports either framework's package (the CLI and bench/ use it)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from shared.config import ModelConfig
 from shared.conversion import native_layout
-from shared.distributed import launched_processes
+from shared.distributed import LAUNCHERS, launched_processes, launcher_backend
 from shared.errors import UsageError
 from shared.hardware import resolve_backend
 
@@ -14,9 +13,9 @@ from shared.hardware import resolve_backend
 def make_backend(requested: str, micro_batch_size: int | None = None, checkpoint: Path | None = None):
     """The backend asked for; with auto and a LoRA or quantized checkpoint, the one whose library wrote it."""
     name = resolve_backend(requested, checkpoint)
-    if name == "mlx" and (launched_processes() > 1 or "MLX_RANK" in os.environ):
-        raise UsageError("data-parallel MLX (mlx.launch) is not supported yet: run one process, or several "
-                         "with torchrun and --backend torch")
+    if launched_processes() > 1 and name != launcher_backend():
+        raise UsageError(f"this process was started by {LAUNCHERS[launcher_backend()]}, which runs the "
+                         f"{launcher_backend()} backend: use --backend {launcher_backend()}")
     options = {"micro_batch_size": micro_batch_size} if micro_batch_size else {}
     if name == "torch":
         from reasoning_torch.backend import TorchBackend

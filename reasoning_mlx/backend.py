@@ -16,6 +16,7 @@ from shared.grpo import policy_drift
 from shared.padding import TokenBatch
 from shared.prompts import stop_token_ids
 from reasoning_mlx.batching import right_padded, roll_rows
+from reasoning_mlx.distributed import all_sum, join_group, sum_gradients
 from reasoning_mlx.generate import generate
 from reasoning_mlx.losses import grpo_loss, token_logprobs
 from reasoning_mlx.model import LoadedModel, load_model, save_model, set_lora_scale
@@ -25,10 +26,9 @@ from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_o
 class MLXBackend:
     name = "mlx"
 
-    rank, world_size = 0, 1  # one process: data-parallel MLX (mlx.launch) is not supported yet
-
     def __init__(self, micro_batch_size: int = 64):
         self.micro_batch_size = micro_batch_size
+        self.rank, self.world_size = join_group()
         self.loaded: LoadedModel | None = None
         self.model = self.tokenizer = self.optimizer = self.reference_weights = None
         self.saved_optimizer_state: dict[str, mx.array] = {}
@@ -44,7 +44,9 @@ class MLXBackend:
         mx.random.seed(seed)
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
-        return np.array(values, dtype=np.float64)
+        if self.world_size == 1:
+            return np.array(values, dtype=np.float64)
+        return all_sum(values)
 
     def set_reference(self, folder: Path | None = None) -> None:
         if self.loaded.lora:
@@ -110,6 +112,8 @@ class MLXBackend:
             self.optimizer = make_optimizer(self.model, lr, settings.weight_decay, self.saved_optimizer_state)
         self.optimizer.learning_rate = lr
         self.optimizer.weight_decay = settings.weight_decay
+        if self.world_size > 1:
+            gradients = sum_gradients(gradients)
         gradients, grad_norm = optim.clip_grad_norm(gradients, settings.max_grad_norm)
         self.optimizer.update(self.model, gradients)
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -131,6 +135,10 @@ class MLXBackend:
         return {"loss": loss, "grad_norm": self.apply_gradients(gradients, lr, settings)}
 
     def grpo_step(self, batch: GRPOBatch, lr: float, settings: GRPOConfig) -> dict:
+        if batch.tokens is None:  # a data-parallel process whose groups have no signal: its zero gradient
+            zeros = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0,
+                    "grad_norm": self.apply_gradients(zeros, lr, settings)}
         tokens = batch.tokens
         shifts, ids, mask = right_padded(tokens)
         old, ref = (None if a is None else roll_rows(a, shifts).astype(np.float32)

@@ -1,12 +1,14 @@
 """Data-parallel runs: which rows a process takes, and results gathered across processes.
 
-The processes come from the engines people already run (torchrun / accelerate launch for PyTorch);
+The processes come from the engines people already run (torchrun / accelerate launch for PyTorch,
+mlx.launch for MLX);
 each backend wraps its framework's collectives as `all_sum`, and everything here is built on that.
 """
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,11 +17,22 @@ AllSum = Callable[[np.ndarray], np.ndarray]
 
 
 def launched_processes() -> int:
-    """How many processes the launcher started (torchrun and accelerate set WORLD_SIZE); 1 without one."""
+    """How many processes the launcher started: torchrun and accelerate set WORLD_SIZE, mlx.launch
+    writes a hostfile with one entry per process; 1 without a launcher."""
     try:
+        if os.environ.get("MLX_HOSTFILE"):
+            return max(1, len(json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())))
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
+    except (OSError, ValueError, TypeError):
         return 1
+
+
+LAUNCHERS = {"torch": "torchrun (or accelerate launch)", "mlx": "mlx.launch"}
+
+
+def launcher_backend() -> str:
+    """The backend whose launcher started this process: mlx.launch writes MLX_HOSTFILE, torchrun WORLD_SIZE."""
+    return "mlx" if os.environ.get("MLX_HOSTFILE") else "torch"
 
 
 def shard(items: Sequence, rank: int, world_size: int) -> list:

@@ -1,8 +1,8 @@
-"""Run under torchrun (1 or 2 processes): SFT steps through the real loop, then GRPO steps on fixed
-rollouts split by group, as the driver splits them; rank 0 saves the weights to argv[1].
+"""Run under torchrun or mlx.launch (1 or 2 processes): SFT steps through the real loop, then GRPO
+steps on fixed rollouts split by group, as the driver splits them; rank 0 saves the weights to argv[1].
 
-argv[2] 'local' makes every process normalise by its own counts instead of the step's (the mistake
-the equivalence test must catch).
+argv: OUTPUT.npz {global|local} LOSS_VARIANT {torch|mlx}. 'local' makes every process normalise by
+its own counts instead of the step's (the mistake the equivalence test must catch).
 """
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import shared.training as training  # noqa: E402
-from reasoning_torch.backend import TorchBackend  # noqa: E402
+from backends import make_backend  # noqa: E402
 from shared.backend import GRPOBatch  # noqa: E402
 from shared.config import GRPOConfig, ModelConfig, SFTConfig  # noqa: E402
 from shared.data import generate_problems  # noqa: E402
@@ -21,11 +21,11 @@ from shared.padding import pack_batch  # noqa: E402
 from shared.prompts import encode_prompts, encode_targets  # noqa: E402
 from shared.tiny_model import ensure_tiny_model  # noqa: E402
 
-output, normaliser = Path(sys.argv[1]), sys.argv[2]
+output, normaliser, variant, backend_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 if normaliser == "local":
     training.summed = lambda backend, *values: list(values)
 
-backend = TorchBackend(device="cpu", micro_batch_size=3)
+backend = make_backend(backend_name, micro_batch_size=3)
 backend.load(ensure_tiny_model(), ModelConfig(name="tiny", finetune="full"), trainable=True)
 settings = SFTConfig(num_samples=48, batch_size=16, epochs=1, lr=1e-3, warmup_steps=0)
 for _ in training.train_sft(backend, generate_problems(48, 3, held_out=False), settings, 3, lambda record: None):
@@ -38,7 +38,7 @@ prompts = [p for p in encode_prompts(backend.tokenizer, problems) for _ in range
 targets = [t for t in encode_targets(backend.tokenizer, problems) for _ in range(group)]
 completions = [target[: 5 + 7 * (row % group)] for row, target in enumerate(targets)]
 advantages = np.random.default_rng(0).normal(size=len(prompts)).astype(np.float32)
-config = GRPOConfig(loss_variant=sys.argv[3], lr=1e-3, max_new_tokens=40)
+config = GRPOConfig(loss_variant=variant, lr=1e-3, max_new_tokens=40)
 for _ in range(2):
     rows = [row for index in shard(range(len(problems)), backend.rank, backend.world_size)
             for row in range(index * group, (index + 1) * group)]
@@ -48,5 +48,8 @@ for _ in range(2):
                       sampled_sequences=int(sequences), sampled_completion_tokens=int(tokens))
     backend.grpo_step(batch, config.lr, config)
 
-if backend.rank == 0:
+if backend.rank == 0 and backend_name == "torch":
     np.savez(output, **{name: p.detach().numpy() for name, p in backend.model.named_parameters()})
+elif backend.rank == 0:
+    from mlx.utils import tree_flatten
+    np.savez(output, **{name: np.array(value) for name, value in tree_flatten(backend.model.parameters())})
