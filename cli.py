@@ -93,6 +93,8 @@ def train(**options) -> None:
     setup_logging(options["log_level"])
     config, point = run_to_start(options, flags_given())
     backend = make_backend(config.backend, options["micro_batch_size"])
+    if backend.rank:  # one process of a data-parallel run logs the progress
+        logger.setLevel(logging.WARNING)
     logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
                 config.output_dir)
     if point:

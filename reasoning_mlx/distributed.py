@@ -1,16 +1,16 @@
 """mx.distributed under mlx.launch (the ring backend over TCP; --hosts for several Macs)."""
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
+from shared.distributed import launched_processes
+
 
 def join_group() -> tuple[int, int]:
     """(rank, world size) of the group mlx.launch started this process in; (0, 1) without it."""
-    if not os.environ.get("MLX_HOSTFILE") and "MLX_RANK" not in os.environ:
+    if launched_processes() == 1:  # no launcher, or mlx.launch -n 1 (an empty hostfile)
         return 0, 1
     group = mx.distributed.init(strict=True)
     return group.rank(), group.size()
