@@ -23,7 +23,7 @@ from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState,
                            latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt, write_run_status)
 from shared.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from shared.tracking import MetricsLog
-from shared.training import train_grpo, train_sft
+from shared.training import summed, train_grpo, train_sft
 
 logger = logging.getLogger("local_reasoning")
 
@@ -154,9 +154,7 @@ def train_phase(run: Run, phase: str) -> None:
 
 def stop_agreed(run: Run, requested: bool) -> bool:
     """Ctrl-C stops every process of a run at the same step, if any of them got it."""
-    if run.backend.world_size == 1:
-        return requested
-    return bool(run.backend.all_sum(np.array([float(requested)]))[0])
+    return bool(summed(run.backend, float(requested))[0])
 
 
 def evaluate_stage(run: Run, stage: str) -> None:
