@@ -12,8 +12,9 @@ from pathlib import Path
 
 import click
 
-from shared.checkpoints import is_out_of_space
+from shared.checkpoints import is_out_of_memory, is_out_of_space
 from shared.config import EvalConfig
+from shared.data import check_problem_count
 from shared.distributed import launched_processes
 from shared.errors import Interrupted, UserError
 from shared.grpo import LOSS_VARIANTS
@@ -32,8 +33,9 @@ def cli() -> None:
 TRAIN_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
                  help="auto: MLX on Apple Silicon, PyTorch on NVIDIA, else the faster on CPU"),
-    click.option("--model", "model_name", default="Qwen/Qwen2.5-0.5B", show_default=True,
-                 help="'tiny' (embedded, offline), 'smollm2' (pretrained, offline), a hub id or a local folder"),
+    click.option("--model", "model_name",
+                 help="'tiny' (embedded, offline), 'smollm2' (pretrained, offline), a hub id or a local folder "
+                 "[Qwen/Qwen2.5-0.5B; mode grpo: the --sft-checkpoint's]"),
     click.option("--seed", type=int, default=42, show_default=True),
     click.option("--sft-epochs", type=POSITIVE_INT, help="[preset]"),
     click.option("--sft-batch-size", type=POSITIVE_INT, help="[preset]"),
@@ -53,7 +55,10 @@ TRAIN_OPTIONS = [
     click.option("--lora-rank", type=POSITIVE_INT, help="[16]"),
     click.option("--lora-alpha", type=POSITIVE_FLOAT, help="[32]"),
     click.option("--eval-samples", type=POSITIVE_INT, help="held-out problems per evaluation [preset]"),
-    click.option("--eval-every", type=click.IntRange(min=0), help="also evaluate every N steps of each phase [0: off]"),
+    click.option("--eval-every", type=click.IntRange(min=0),
+                 help="also evaluate every N steps of each phase [0: off; tiny: 250]"),
+    click.option("--eval-every-samples", type=POSITIVE_INT,
+                 help="held-out problems per evaluation along the run, at most --eval-samples [200]"),
     click.option("--ood-samples", type=click.IntRange(min=0),
                  help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]"),
     click.option("--save-every", type=click.IntRange(min=0),
@@ -131,6 +136,7 @@ def sweep(counts: str, **options) -> None:
 
     setup_logging(options["log_level"])
     numbers = parse_counts(counts)
+    run_config_from_options({**options, "num_samples": numbers[-1], "sft_checkpoint": None})  # the largest fits
     config = run_config_from_options({**options, "num_samples": numbers[0], "sft_checkpoint": None})
     config.backend = resolve_backend(config.backend)  # a missing backend fails here, before any run
     rows = run_sweep(config, numbers, lambda: make_backend(config.backend, options["micro_batch_size"]))
@@ -160,8 +166,10 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
     setup_logging(log_level)
     if interactive and batch:
         raise click.UsageError("choose one of --interactive and --batch")
+    if batch:
+        check_problem_count("--num-samples", num_samples, held_out=True)
     model = load_for_inference(checkpoint, backend)
-    settings = EvalConfig(max_new_tokens=256, batch_size=max(num_samples, 3))  # greedy, one batch
+    settings = EvalConfig(max_new_tokens=256)  # greedy
     if interactive:
         click.echo("Type a sum like 23 + 15 + 8 (quit or Ctrl-D to stop).")
         for line in sys.stdin:
@@ -206,17 +214,23 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: int, samples_per_problem: int,
                  temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, log_level: str) -> None:
     """Score a checkpoint on held-out problems, in and out of distribution (greedy; pass@k sampled)."""
-    from shared.data import generate_problems
+    from shared.data import OUT_OF_DISTRIBUTION, generate_problems
     from shared.evaluation import evaluate, out_of_distribution_sets, results_table
+    from shared.layouts import check_new_tokens
+    from shared.prompts import encode_prompts
     from backends import load_for_inference
 
     setup_logging(log_level)
+    check_problem_count("--num-samples", num_samples, held_out=True)
+    check_problem_count("--ood-samples", ood_samples, held_out=True, shapes=OUT_OF_DISTRIBUTION)
     model = load_for_inference(checkpoint, backend)
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
     sets = {"in_distribution": generate_problems(num_samples, seed, held_out=True)}
     if ood_samples:
         sets.update(out_of_distribution_sets(ood_samples, seed))
+    longest_prompt = max(len(ids) for problems in sets.values() for ids in encode_prompts(model.tokenizer, problems))
+    check_new_tokens("--max-new-tokens", max_new_tokens, longest_prompt, checkpoint)
     results = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
     if json_path:
@@ -287,8 +301,13 @@ def main() -> int:
         click.echo(f"error: {who}no space left {where} ({error.strerror}); free some and run the command again "
                    "(a train run continues from its last checkpoint)", err=True)
         return 1
-    except RuntimeError as error:  # a collective failed: another process died or stopped answering
-        if not who:
+    except (MemoryError, RuntimeError) as error:
+        if is_out_of_memory(error):
+            click.echo(f"error: {who}out of memory ({str(error).splitlines()[0][:120] or 'MemoryError'}); lower "
+                       "--group-size, --prompts-per-step, --sft-batch-size or --micro-batch-size (a train run "
+                       "continues from its last checkpoint)", err=True)
+            return 1
+        if not who or isinstance(error, MemoryError):  # else a collective failed: another process died
             raise
         click.echo(f"error: {who}lost the other processes ({str(error).splitlines()[0][:160]})", err=True)
         return 1

@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from shared.errors import SAMPLING_NOT_FINITE, DivergedError
 from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_mlx.batching import leading_padding
 
@@ -31,7 +32,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     for step in range(max_new_tokens):
         if temperature > 0:
             key, subkey = mx.random.split(key)
-            token = mx.random.categorical(logits.astype(mx.float32) / temperature, key=subkey)
+            scaled = logits.astype(mx.float32) / temperature
+            token = mx.random.categorical(scaled, key=subkey)
+            if not mx.isfinite(mx.logsumexp(scaled, axis=-1)).all().item():  # only diverged weights give NaN/inf
+                raise DivergedError(SAMPLING_NOT_FINITE)
         else:
             token = mx.argmax(logits, axis=-1)
         token = np.where(finished, pad_id, np.array(token))

@@ -15,6 +15,7 @@ from shared.layouts import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, check
 from shared.config import ModelConfig
 from shared.errors import UserError
 from shared.manifest import checked_adapter_base
+from shared.pretrained import local_model
 from shared.prompts import load_tokenizer, stop_token_ids
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -23,8 +24,9 @@ LORA_LEAVES = ("lora_a", "lora_b")
 class LoadedModel:
     """An mlx-lm model with what saving it needs: its config, base path and LoRA settings."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: dict, base: str, lora: dict | None):
+    def __init__(self, model: nn.Module, tokenizer, config: dict, base: str, lora: dict | None, base_folder: Path):
         self.model, self.tokenizer, self.config, self.base, self.lora = model, tokenizer, config, base, lora
+        self.base_folder = base_folder
 
 
 def lora_parameters(model: nn.Module, config: ModelConfig) -> dict:
@@ -41,23 +43,24 @@ def is_quantized(model: nn.Module) -> bool:
 
 def load_model(path: str | Path, config: ModelConfig, trainable: bool) -> LoadedModel:
     """A full folder, a hub id, or an mlx-lm adapter folder naming its base; LoRA added if asked."""
-    path = Path(path) if Path(path).exists() else path
-    kind = checkpoint_kind(path) if isinstance(path, Path) else "full"
-    check_backend_reads(path, kind, "mlx")
-    base = checked_adapter_base(path) if kind == "mlx_lora" else str(path)
-    base_config = Path(base) / "config.json"
+    folder = local_model(path, config.trust_remote_code)
+    kind = checkpoint_kind(folder)
+    check_backend_reads(folder, kind, "mlx")
+    base = checked_adapter_base(folder) if kind == "mlx_lora" else str(path)  # as given: saved adapters name it
+    base_folder = local_model(base, config.trust_remote_code)
+    base_config = base_folder / "config.json"
     overrides = rope_fields_for_older_readers(json.loads(base_config.read_text())) if base_config.exists() else {}
     try:
-        model, _, model_config = mlx_load(base, adapter_path=str(path) if kind == "mlx_lora" else None,
+        model, _, model_config = mlx_load(str(base_folder), adapter_path=str(folder) if kind == "mlx_lora" else None,
                                           model_config=overrides, return_config=True,
                                           trust_remote_code=config.trust_remote_code)
-        tokenizer = load_tokenizer(str(path), config.trust_remote_code)
+        tokenizer = load_tokenizer(str(folder), config.trust_remote_code)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load model {base!r} ({str(error).splitlines()[0][:120]}); "
                         "offline, use --model tiny") from None
     lora = None
     if kind == "mlx_lora":
-        lora = json.loads((path / ADAPTER_CONFIG_FILE).read_text())["lora_parameters"]
+        lora = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())["lora_parameters"]
     elif trainable and config.finetune == "lora":
         lora = lora_parameters(model, config)
         model.freeze()
@@ -69,7 +72,7 @@ def load_model(path: str | Path, config: ModelConfig, trainable: bool) -> Loaded
         raise UserError("a quantized model trains only through LoRA (QLoRA): use --finetune lora")
     model.train(trainable)
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, model_config, base, lora)
+    return LoadedModel(model, tokenizer, model_config, base, lora, base_folder)
 
 
 def set_lora_scale(model: nn.Module, scale: float | None) -> float | None:
@@ -100,7 +103,7 @@ def save_model(loaded: LoadedModel, folder: Path) -> None:
 
 def write_generation_config(loaded: LoadedModel, folder: Path) -> None:
     """The base's generation settings, stopping at the end of the assistant's turn."""
-    source = Path(loaded.base) / "generation_config.json"
+    source = loaded.base_folder / "generation_config.json"
     generation = json.loads(source.read_text()) if source.exists() else {}
     generation["eos_token_id"] = sorted(stop_token_ids(loaded.tokenizer))
     generation["pad_token_id"] = loaded.tokenizer.pad_token_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from shared.errors import DivergedError
+from shared.errors import SAMPLING_NOT_FINITE, DivergedError
 from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_torch.decoder import LeanDecoder, supports
 
@@ -38,7 +38,7 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     # inverse CDF: one uniform draw per row, where multinomial draws one per vocabulary entry (20x slower)
     cumulative = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1)
     if not bool(torch.isfinite(cumulative[:, -1]).all()):  # only diverged weights give NaN/inf
-        raise DivergedError("the model's next-token probabilities are not finite")
+        raise DivergedError(SAMPLING_NOT_FINITE)
     draw = torch.rand(len(logits), 1, generator=generator, device=logits.device) * cumulative[:, -1:]
     return torch.searchsorted(cumulative, draw, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 

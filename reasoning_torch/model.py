@@ -11,6 +11,7 @@ from shared.config import ModelConfig
 from shared.errors import UserError
 from shared.layouts import check_backend_reads, checkpoint_kind, rope_fields_for_older_readers
 from shared.manifest import checked_adapter_base
+from shared.pretrained import local_model
 from shared.prompts import load_tokenizer, stop_token_ids
 
 
@@ -33,22 +34,24 @@ def load_model(path: str | Path, config: ModelConfig, device: torch.device, trai
     """(model, tokenizer) from a full folder, a hub id, or a PEFT adapter folder naming its base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    path = Path(path) if Path(path).exists() else path
-    kind = checkpoint_kind(path) if isinstance(path, Path) else "full"
-    check_backend_reads(path, kind, "torch")
+    folder = local_model(path, config.trust_remote_code)
+    kind = checkpoint_kind(folder)
+    check_backend_reads(folder, kind, "torch")
     adapter = kind == "peft"
-    base = checked_adapter_base(path) if adapter else path
+    base = checked_adapter_base(folder) if adapter else str(path)
     dtype = pick_dtype(device, "lora" if adapter else config.finetune)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(base), dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True)
-        tokenizer = load_tokenizer(path, config.trust_remote_code)
+            str(local_model(base, config.trust_remote_code)), dtype=dtype,
+            trust_remote_code=config.trust_remote_code, use_safetensors=True)
+        tokenizer = load_tokenizer(folder, config.trust_remote_code)
     except OSError as error:
-        raise UserError(f"could not load model {str(base)!r} ({str(error).splitlines()[0][:120]}); "
+        raise UserError(f"could not load model {base!r} ({str(error).splitlines()[0][:120]}); "
                         "offline, use --model tiny") from None
+    model.config._name_or_path = base  # a saved adapter names its base as given (a hub id, not this machine's cache)
     model.to(device)
     if adapter:
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     elif trainable and config.finetune == "lora":
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=list(config.lora_targets), task_type="CAUSAL_LM")

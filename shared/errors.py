@@ -17,6 +17,9 @@ class DivergedError(UserError):
     """Training produced NaN or inf (loss, gradients, weights or the model's probabilities)."""
 
 
+SAMPLING_NOT_FINITE = "the model's next-token probabilities are not finite"  # both samplers say it alike
+
+
 class Interrupted(UserError):
     """Ctrl-C during training: a resume point was saved, exit like any interrupted command."""
 

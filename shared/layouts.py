@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.errors import UsageError, UserError
 from shared.tensor_files import check_safetensors
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -109,3 +109,41 @@ def read_json(path: Path) -> dict:
 
 def model_weight_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("model*.safetensors"))
+
+
+def model_dimensions(folder: Path) -> dict | None:
+    """config.json of a local model folder, or of a local adapter's base; None where it is not at hand."""
+    folder = Path(folder)
+    if (folder / ADAPTER_CONFIG_FILE).exists() and not (folder / "config.json").exists():
+        folder = Path(adapter_base(folder))
+    return read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+
+
+def smallest_lora_side(config: dict, targets: tuple[str, ...]) -> tuple[int, str]:
+    """(the smaller dimension of the narrowest layer LoRA adapts, its name): a rank beyond it adds nothing."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    sides = {"q_proj": min(hidden, heads * head_dim),
+             "k_proj": min(hidden, config.get("num_key_value_heads", heads) * head_dim),
+             "o_proj": min(hidden, heads * head_dim),
+             "gate_proj": min(hidden, config.get("intermediate_size", hidden))}
+    sides.update(v_proj=sides["k_proj"], up_proj=sides["gate_proj"], down_proj=sides["gate_proj"])
+    return min((sides.get(name, hidden), name) for name in targets)
+
+
+def check_lora_rank(rank: int, targets: tuple[str, ...], folder: Path) -> None:
+    config = model_dimensions(folder)
+    if config and "hidden_size" in config:
+        side, layer = smallest_lora_side(config, targets)
+        if rank > side:
+            raise UsageError(f"--lora-rank {rank} is more than {side}, the smaller side of {layer} in {folder}: "
+                             f"at most {side}")
+
+
+def check_new_tokens(flag: str, max_new_tokens: int, longest_prompt: int, folder: Path) -> None:
+    """Prompt and completion within the positions the model was trained for."""
+    config = model_dimensions(folder) or {}
+    context = config.get("max_position_embeddings")
+    if context and longest_prompt + max_new_tokens > context:
+        raise UsageError(f"{flag} {max_new_tokens} runs past the model's {context} positions (prompts take up to "
+                         f"{longest_prompt}): at most {context - longest_prompt}")

@@ -12,13 +12,14 @@ import numpy as np
 
 from shared.backend import Backend
 from shared.checkpoints import save_checkpoint
-from shared.config import RunConfig
+from shared.config import ModelConfig, RunConfig
 from shared.data import Problem, generate_problems
 from shared.errors import Interrupted
 from shared.evaluation import EvalResult, evaluate, out_of_distribution_sets, results_table
-from shared.layouts import check_checkpoint
-from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model
+from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
+from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
 from shared.report import write_report
+from shared.run_records import start_records
 from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState, drop_older_periodic,
                            latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt, write_run_status)
 from shared.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
@@ -30,14 +31,18 @@ logger = logging.getLogger("local_reasoning")
 STAGE_LABELS = {"before_sft": "before SFT", "after_sft": "after SFT", "after_grpo": "after GRPO"}
 
 
-def resolve_model(name: str) -> Path | str:
+def resolve_model(name: str, trust_remote_code: bool = False) -> Path | str:
     """'tiny' -> the embedded model's folder (built on first use); 'smollm2' -> the shipped model, imported on
-    first use; a local folder, checked; a hub id as given."""
+    first use; a local folder, checked; a hub id as given, once its files are in the cache (downloaded once):
+    saved adapters name it as their base."""
     if name == TINY_MODEL_NAME:
         return ensure_tiny_model()
     if name in SHIPPED_MODELS:
         return ensure_shipped_model(name)
-    return check_checkpoint(Path(name)) if Path(name).exists() else name
+    if Path(name).exists():
+        return check_checkpoint(Path(name))
+    hub_model_folder(name, trust_remote_code)
+    return name
 
 
 @dataclass
@@ -58,11 +63,13 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     out-of-distribution set."""
     output = Path(config.output_dir)
     state, resume_folder = resume if resume else (RunState(), None)
+    start = None if resume else starting_model(config, backend)  # checked before anything is written
     writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
     if writes:
         output.mkdir(parents=True, exist_ok=True)
         if resume is None:
             forget_previous_run(output)
+            state = start_records(output, config)
         write_run_status(output, finished=False)
         (output / "run_config.json").write_text(config.to_json())
     metrics = MetricsLog(output / "metrics.jsonl", config.wandb_project, json.loads(config.to_json()),
@@ -75,7 +82,7 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
             backend.load(resume_folder, config.model, trainable=True)
         if config.mode in ("sft", "full"):
             if resume is None:
-                start_from(run, model_folder_once(run))
+                start_from(run, start)
                 evaluate_stage(run, "before_sft")
             if state.phase == "sft" and not state.phase_complete:
                 train_phase(run, "sft")
@@ -84,7 +91,7 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
         if config.mode in ("grpo", "full"):
             sft_folder = Path(config.sft_checkpoint) if config.mode == "grpo" else output / FINAL_FOLDERS["sft"]
             if config.mode == "grpo" and resume is None:
-                start_from(run, check_checkpoint(sft_folder))
+                start_from(run, start)
                 evaluate_stage(run, "after_sft")
             if config.grpo.beta:  # the KL's reference is the policy GRPO started from
                 backend.set_reference(sft_folder if state.phase == "grpo" else None)
@@ -106,12 +113,21 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     return state.results, out_of_distribution
 
 
-def model_folder_once(run: Run) -> Path | str:
-    """The run's model, built or imported on first use by the first process while the others wait."""
-    if run.backend.rank == 0:
-        folder = resolve_model(run.config.model.name)
-    run.backend.all_sum(np.zeros(1))  # a barrier
-    return folder if run.backend.rank == 0 else resolve_model(run.config.model.name)
+def starting_model(config: RunConfig, backend: Backend) -> Path | str:
+    """The model a fresh run starts from, resolved and checked against the run's LoRA rank."""
+    folder = check_checkpoint(Path(config.sft_checkpoint)) if config.mode == "grpo" else \
+        model_folder_once(config.model, backend)
+    if config.model.finetune == "lora" and checkpoint_kind(local_model(folder)) == "full":
+        check_lora_rank(config.model.lora_rank, config.model.lora_targets, local_model(folder))
+    return folder
+
+
+def model_folder_once(model: ModelConfig, backend: Backend) -> Path | str:
+    """The model's folder, built, imported or downloaded on first use by the first process while the others wait."""
+    if backend.rank == 0:
+        folder = resolve_model(model.name, model.trust_remote_code)
+    backend.all_sum(np.zeros(1))  # a barrier
+    return folder if backend.rank == 0 else resolve_model(model.name, model.trust_remote_code)
 
 
 def start_from(run: Run, model_path: Path | str) -> None:
@@ -135,8 +151,9 @@ def train_phase(run: Run, phase: str) -> None:
     carried, began = (state.timings.get(f"{phase}_s", 0.0) if start_step else 0.0), time.perf_counter()
     with stop_on_interrupt() as stop:
         for step in steps(run.backend, problems, settings, config.seed, run.metrics, start_step):
-            if config.eval.every_steps and step % config.eval.every_steps == 0:
-                evaluate_and_log(run, phase, f"{phase} step {step}", run.eval_problems, step)
+            if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
+                evaluate_and_log(run, phase, f"{phase} step {step}", run.eval_problems[:config.eval.every_problems],
+                                 step)
             stopping = stop_agreed(run, stop.requested)
             if step < total and (stopping or (settings.save_every and step % settings.save_every == 0)):
                 folder = periodic_folder(run.output, phase, step)

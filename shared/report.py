@@ -82,19 +82,35 @@ def write_plots(records: list[dict], folder: Path) -> list[Path]:
     evaluations = [(position, r) for position, r in zip(global_steps(records), records)
                    if r.get("phase") == "eval" and not str(r.get("stage", "")).startswith("ood_")]
     if evaluations:
-        figure, axis = plt.subplots(figsize=(7, 4))
-        positions = [p for p, _ in evaluations]
-        for metric, label in (("accuracy", "accuracy"), ("format_compliance", "format")):
-            axis.plot(positions, [100 * r[metric] for _, r in evaluations], marker="o", label=label)
-        if phases["sft"] and phases["grpo"]:
-            axis.axvline(len(phases["sft"]), color="grey", linestyle="--", linewidth=1)
-            axis.text(len(phases["sft"]), 50, " GRPO starts", color="grey")
-        axis.set(title="Held-out accuracy during training (greedy)", xlabel="optimiser step (SFT, then GRPO)",
-                 ylabel="% of held-out problems", ylim=(-2, 102))
-        axis.grid(alpha=0.3)
-        axis.legend(loc="lower right")
-        written.append(save(figure, folder / "accuracy.png"))
+        written.append(save(accuracy_figure(evaluations, len(phases["sft"]) if phases["grpo"] else None),
+                            folder / "accuracy.png"))
     return written
+
+
+def accuracy_figure(evaluations: list[tuple[int, dict]], grpo_starts: int | None):
+    """Each evaluation a point, never joined: a line would draw a curve between evaluations that was
+    never measured. Those along the run (on fewer problems) are hollow."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for metric, label, color in (("accuracy", "accuracy", "C0"), ("format_compliance", "format", "C1")):
+        for along_the_run in (False, True):
+            points = [(p, r) for p, r in evaluations if ("step" in r) == along_the_run]
+            if not points:
+                continue
+            count = points[0][1].get("num_problems")
+            style = {"markersize": 4, "markerfacecolor": "none"} if along_the_run else {"markersize": 7}
+            axis.plot([p for p, _ in points], [100 * r[metric] for _, r in points], marker="o", linestyle="none",
+                      color=color, label=f"{label}{' along the run' if along_the_run else ''}"
+                      f"{f' ({count} problems)' if count else ''}", **style)
+    if grpo_starts is not None:
+        axis.axvline(grpo_starts, color="grey", linestyle="--", linewidth=1)
+        axis.text(grpo_starts, 50, " GRPO starts", color="grey")
+    axis.set(title="Held-out accuracy during training (greedy)", xlabel="optimiser step (SFT, then GRPO)",
+             ylabel="% of held-out problems", ylim=(-2, 102))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    return figure
 
 
 def save(figure, path: Path) -> Path:

@@ -23,6 +23,8 @@ from shared.distributed import launched_processes
 from shared.errors import UsageError, UserError
 from shared.evaluation import EvalResult
 from shared.hardware import resolve_backend
+from shared.layouts import RUN_CONFIG_FILE, checkpoint_kind
+from shared.lora_files import read_adapter
 
 STATE_FILE = "training_state.json"
 RUN_STATUS_FILE = "run_status.json"
@@ -105,13 +107,21 @@ def write_run_status(output: Path, finished: bool) -> None:
     os.replace(staging, path)
 
 
+def run_status(output: Path) -> bool | None:
+    """Whether the run last started in `output` finished; None where no run has been there."""
+    try:
+        return bool(json.loads((Path(output) / RUN_STATUS_FILE).read_text())["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_finished(output: Path) -> bool:
+    return run_status(output) is True
+
+
 def is_unfinished(output: Path) -> bool:
     """A run was started in `output`, did not finish, and left something to continue from."""
-    try:
-        finished = json.loads((Path(output) / RUN_STATUS_FILE).read_text())["finished"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return not finished and latest_resume_point(output) is not None
+    return run_status(output) is False and latest_resume_point(output) is not None
 
 
 def run_to_start(options: dict, given: dict[str, str]) -> tuple[RunConfig, tuple[RunState, Path] | None]:
@@ -124,9 +134,45 @@ def run_to_start(options: dict, given: dict[str, str]) -> tuple[RunConfig, tuple
     """
     if options["resume"]:
         return resumed_run_config(options, given)
-    config = run_config_from_options(options)
+    checkpoint = options["sft_checkpoint"] if options["mode"] == "grpo" else None
+    config = run_config_from_options(options, checkpoint_settings(Path(checkpoint), options, given)
+                                     if checkpoint else None)
     config.backend = resolve_backend(config.backend, Path(config.sft_checkpoint) if config.mode == "grpo" else None)
     return config, unfinished_run_to_continue(config)
+
+
+def checkpoint_settings(folder: Path, options: dict, given: dict[str, str]) -> dict[str, dict]:
+    """The settings GRPO takes from its starting checkpoint: the model (and so the preset), fine-tuning
+    and SFT settings of the run that wrote it (its run_config.json), and an adapter's own LoRA shape.
+    A flag that contradicts the model or the adapter is an error; a fully trained model may take new
+    LoRA adapters."""
+    saved = {}
+    if (folder / RUN_CONFIG_FILE).is_file():
+        try:
+            saved = asdict(RunConfig.from_json((folder / RUN_CONFIG_FILE).read_text()))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{folder}/{RUN_CONFIG_FILE} is not a run configuration this version reads") from None
+    model = saved.get("model", {})
+    model.pop("trust_remote_code", None)  # a model's own code runs only when this command asks
+    fixed = {"model.name": (model["name"], RUN_CONFIG_FILE)} if model else {}
+    kind = checkpoint_kind(folder) if folder.is_dir() else None
+    if kind in ("peft", "mlx_lora"):
+        adapter = read_adapter(folder, kind)
+        for name, value in (("finetune", "lora"), ("lora_rank", adapter.rank),
+                            ("lora_alpha", adapter.rank * adapter.scale)):
+            model[name], fixed[f"model.{name}"] = value, (value, "its adapter")
+    for name, path in OPTION_FIELDS.items():
+        if name in given and path in fixed and not same_setting(options[name], fixed[path][0]):
+            value, source = fixed[path]
+            raise UsageError(f"{given[name]} {options[name]} contradicts {folder}, whose {path.split('.')[1]} is "
+                             f"{value!r} ({source}): leave {given[name]} out, GRPO continues with the checkpoint's")
+    return {"model": model, "sft": saved.get("sft", {})}
+
+
+def same_setting(given, saved) -> bool:
+    if isinstance(saved, float) or isinstance(given, float):
+        return math.isclose(float(given), float(saved))
+    return given == saved or (Path(str(given)).exists() and Path(str(given)).resolve() == Path(str(saved)).resolve())
 
 
 def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig, tuple[RunState, Path]]:

@@ -76,7 +76,7 @@ def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed
             check_finite(backend, stats, "SFT", step, "--sft-lr")
             log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats, "step_s": seconds,
                  "tokens_per_s": tokens / seconds, **processes(backend)})
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            bar.set_postfix({"loss": f"{stats['loss']:.4f}", "tokens/s": f"{tokens / seconds:.0f}"})
             bar.update()
             yield step
 
@@ -159,13 +159,14 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             components = every_group(backend, components, config.group_size)
             lengths = every_group(backend, [len(c) for c in completions], config.group_size)
             means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
+            tokens_per_s = summed(backend, sum(len(p) + len(c) for p, c in zip(prompts, completions)))[0] / \
+                (time.perf_counter() - began)
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "reward": float(np.mean(rewards)), **means,
                  "completion_tokens": float(np.mean(lengths)),
                  "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds,
-                 "step_s": time.perf_counter() - began,
-                 "tokens_per_s": summed(backend, sum(len(p) + len(c) for p, c in zip(prompts, completions)))[0] /
-                 (time.perf_counter() - began), **processes(backend)})
-            bar.set_postfix(reward=f"{np.mean(rewards):.3f}", acc=f"{means['reward_correctness']:.2f}")
+                 "step_s": time.perf_counter() - began, "tokens_per_s": tokens_per_s, **processes(backend)})
+            bar.set_postfix({"reward": f"{np.mean(rewards):.3f}", "correct": f"{means['reward_correctness']:.2f}",
+                             "tokens/s": f"{tokens_per_s:.0f}"})
             bar.update()
             yield step

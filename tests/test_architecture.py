@@ -15,7 +15,7 @@ LAYERS = [
     ["shared.data", "shared.rewards", "shared.config", "shared.layouts"],
     ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",
      "shared.tiny_model", "shared.gguf_import", "shared.pretrained", "shared.prompts"],
-    ["shared.backend", "shared.evaluation", "shared.report", "shared.resume", "shared.training"],
+    ["shared.backend", "shared.evaluation", "shared.report", "shared.resume", "shared.run_records", "shared.training"],
     ["shared.pipeline", "shared.sweep", "reasoning_torch", "reasoning_mlx"],
     ["backends", "cli"],
 ]

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: real subprocesses, real tiny model, real files."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,10 @@ def test_train_full_writes_checkpoints_metrics_and_eval(trained_run):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{plot.name}" in report
     assert set(evaluation["in_distribution"]) == {"before_sft", "after_sft", "after_grpo"}
     assert evaluation["in_distribution"]["after_sft"]["num_problems"] == 8
+    # no terminal here: progress comes as log lines, with the step, the loss or reward and the time left
+    assert re.search(r" INFO SFT 3/3 steps \(100%\), loss [\d.]+, tokens/s \d+, elapsed \d+s, remaining 0s",
+                     result.stderr), result.stderr[-3000:]
+    assert re.search(r" INFO GRPO 1/2 steps \(50%\), reward [\d.]+, correct [\d.]+, tokens/s \d+", result.stderr)
 
 
 def test_checkpoint_round_trips_through_plain_transformers(trained_run):
@@ -137,13 +142,96 @@ def test_grpo_mode_from_an_sft_checkpoint(trained_run, cache_env, tmp_path):
     (["train", "--grpo-lr", "-1e-5"], "--grpo-lr"),
     (["train", "--eval-samples", "0"], "--eval-samples"),
     (["infer", "--checkpoint", "x", "--interactive", "--batch"], "--interactive"),
+    # counts beyond the problem sets they draw from, refused before any work with the largest that works
+    (["train", "--model", "tiny", "--ood-samples", "246"], "--ood-samples 246 is more than the held-out "
+                                                           "two-operand problems allow: at most 245"),
+    (["train", "--model", "tiny", "--num-samples", "460893"], "at most 460892"),
+    (["train", "--model", "tiny", "--grpo-samples", "460893"], "--grpo-samples 460893"),
+    (["train", "--model", "tiny", "--eval-samples", "24258"], "--eval-samples 24258"),
+    (["train", "--model", "tiny", "--eval-every-samples", "24258"], "--eval-every-samples 24258"),
+    (["sweep", "--model", "tiny", "--num-samples", "100,460893"], "--num-samples 460893"),
+    (["eval", "--checkpoint", "x", "--ood-samples", "300"], "--ood-samples 300"),
+    (["eval", "--checkpoint", "x", "--num-samples", "24258"], "at most 24257"),
+    (["infer", "--checkpoint", "x", "--batch", "--num-samples", "24258"], "at most 24257"),
+    (["train", "--model", "tiny", "--finetune", "lora", "--lora-rank", "65"], "--lora-rank 65 is more than 64, "
+                                                                             "the smaller side of k_proj"),
 ])
-def test_bad_flags_exit_2_with_one_line(args, message):
-    result = run_cli(*args)
+def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
+    result = run_cli(*args, "--output-dir", tmp_path / "run") if args[0] in ("train", "sweep") else run_cli(*args)
     assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()  # nothing started
+
+
+def test_counts_at_their_limits_run_and_a_completion_past_the_context_is_refused(trained_run, cache_env):
+    folder = trained_run[0] / "reasoning_final"
+    at_limit = run_cli("eval", "--checkpoint", folder, "--num-samples", "2", "--ood-samples", "245",
+                       "--max-new-tokens", "4", env_extra=cache_env)
+    assert at_limit.returncode == 0, at_limit.stderr[-2000:]
+    too_long = run_cli("eval", "--checkpoint", folder, "--num-samples", "2", "--max-new-tokens", "600",
+                       env_extra=cache_env)
+    assert too_long.returncode == 2 and "Traceback" not in too_long.stderr
+    assert too_long.stderr.strip().splitlines()[-1].startswith(
+        "error: --max-new-tokens 600 runs past the model's 512 positions")
+
+
+def test_grpo_takes_the_model_and_fine_tuning_of_its_checkpoint(trained_run, cache_env, tmp_path):
+    """No --model: the tiny run's checkpoint says tiny, full fine-tuning, and the tiny preset."""
+    budget = [a for a in TINY_BUDGET if a != "tiny" and a != "--model"]
+    result = run_cli("train", "--mode", "grpo", *budget, "--sft-checkpoint", trained_run[0] / "sft_final",
+                     "--output-dir", tmp_path, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config["model"]["name"] == "tiny" and config["model"]["finetune"] == "full"
+    assert config["grpo"]["lr"] == 5e-5 and config["sft"]["num_samples"] == 96  # the tiny preset; the SFT run's
+    assert (tmp_path / "reasoning_final" / "model.safetensors").exists()
+    assert not (tmp_path / "reasoning_final" / "adapter_config.json").exists()
+    other = run_cli("train", "--mode", "grpo", "--model", "smollm2", "--sft-checkpoint", trained_run[0] / "sft_final",
+                    "--output-dir", tmp_path / "other", env_extra=cache_env)
+    assert other.returncode == 2 and not (tmp_path / "other").exists()
+    assert other.stderr.strip().splitlines()[-1].startswith(
+        f"error: --model smollm2 contradicts {trained_run[0] / 'sft_final'}, whose name is 'tiny'")
+
+
+def test_running_out_of_memory_is_one_line(trained_run, cache_env, tmp_path):
+    """G = 5,000 completions per prompt, under an 8 GB address-space limit: the rollout's cache cannot be had."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    env = {**os.environ, **cache_env}
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--mode", "grpo", "--sft-checkpoint",
+                             str(trained_run[0] / "sft_final"), "--group-size", "5000", "--grpo-samples", "16",
+                             "--prompts-per-step", "16", "--eval-samples", "4", "--ood-samples", "0",
+                             "--backend", "torch", "--output-dir", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit_memory)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: out of memory (")
+
+
+def test_grpo_into_the_sft_runs_folder_keeps_the_sft_records(cache_env, tmp_path):
+    """The seed's workflow: SFT, then GRPO from output/sft_final into the same folder."""
+    budget = [a for a in TINY_BUDGET if a != "tiny" and a != "--model"]
+    sft = run_cli("train", "--model", "tiny", "--mode", "sft", *budget, "--output-dir", tmp_path, env_extra=cache_env)
+    assert sft.returncode == 0, sft.stderr[-2000:]
+    sft_records = (tmp_path / "metrics.jsonl").read_text()
+    sft_evaluations = json.loads((tmp_path / "eval.json").read_text())
+    grpo = run_cli("train", "--mode", "grpo", *budget, "--sft-checkpoint", tmp_path / "sft_final",
+                   "--output-dir", tmp_path, env_extra=cache_env)
+    assert grpo.returncode == 0, grpo.stderr[-2000:]
+    assert (tmp_path / "metrics.jsonl").read_text().startswith(sft_records)  # continued, not truncated
+    phases = [json.loads(line)["phase"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert phases.count("sft") == 3 and phases.count("grpo") == 2
+    evaluations = json.loads((tmp_path / "eval.json").read_text())
+    assert set(evaluations["in_distribution"]) == {"before_sft", "after_sft", "after_grpo"}
+    assert evaluations["in_distribution"]["before_sft"] == sft_evaluations["in_distribution"]["before_sft"]
+    assert "| before SFT |" in (tmp_path / "report.md").read_text()
+    [earlier] = (tmp_path / "earlier_runs").iterdir()  # the SFT run's own files, as it wrote them
+    assert json.loads((earlier / "eval.json").read_text()) == sft_evaluations
+    assert json.loads((earlier / "run_config.json").read_text())["mode"] == "sft"
+    assert (earlier / "metrics.jsonl").read_text() == sft_records
 
 
 @pytest.mark.parametrize("command", ["infer", "eval"])
@@ -238,6 +326,13 @@ def test_an_mlx_adapter_on_the_torch_backend_names_the_fix(mlx_lora_run, cache_e
                      env_extra=cache_env)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
         f"error: {sft} is an mlx-lm LoRA adapter: use --backend mlx, or python cli.py convert {sft} --to torch")
+
+
+def test_a_hub_model_without_network_fails_at_once(tmp_path):
+    """No HF_HUB_OFFLINE, no network: one attempt, one line; no rounds of retries first."""
+    result = run_cli("train", "--model", "no-such-org/no-such-model", "--backend", "torch", "--output-dir", tmp_path)
+    assert result.returncode == 1 and "Retry" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: could not load model 'no-such-org/no-such-model'")
 
 
 def test_unreachable_hub_model_says_so_in_one_line(tmp_path):

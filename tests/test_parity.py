@@ -290,3 +290,24 @@ def test_rows_without_signal_can_be_left_out(trained_dir, variant, backend_index
     # may move by lr in either direction: a handful of such weights are allowed
     assert np.mean(np.abs(selected[1] - everything[1]) > 1e-6) < 1e-4
     assert normalised_alone[0]["grad_norm"] > 1.1 * everything[0]["grad_norm"]
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+def test_both_samplers_stop_on_probabilities_that_are_not_finite(tiny_model_dir, tmp_path, poison):
+    """Diverged weights give NaN or inf logits: sampling from them is one DivergedError on either backend
+    (greedy decoding is left alone), never tokens drawn from NaN."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    from shared.errors import SAMPLING_NOT_FINITE, DivergedError
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "poisoned")
+    tensors = load_file(str(folder / "model.safetensors"))
+    norm = next(name for name in tensors if name.endswith("model.norm.weight"))
+    tensors[norm] = np.full_like(tensors[norm], poison)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    prompts = encode_prompts(both(tiny_model_dir, trainable=False)[0].tokenizer, [Problem((1, 2, 3))] * 2)
+    for backend in both(folder, trainable=False):
+        with pytest.raises(DivergedError, match=f"^{SAMPLING_NOT_FINITE}$"):
+            backend.generate(prompts, 4, temperature=1.0, seed=0)
+        assert len(backend.generate(prompts, 4, temperature=0.0)) == 2, backend.name

@@ -70,3 +70,18 @@ def test_sweep_writes_the_results_table_per_sample_count(tmp_path):
     bad = run_cli("sweep", "--num-samples", "100,lots", "--model", "tiny")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --num-samples takes whole numbers separated by commas, like 100,500,1000; got '100,lots'"]
+
+
+def test_the_accuracy_plot_draws_points_not_lines_between_evaluations():
+    from shared.report import accuracy_figure
+
+    evaluations = [(0, {"phase": "eval", "stage": "before_sft", "accuracy": 0.0, "format_compliance": 0.0,
+                        "num_problems": 1000}),
+                   (250, {"phase": "eval", "stage": "sft", "step": 250, "accuracy": 0.1, "format_compliance": 0.9,
+                          "num_problems": 200}),
+                   (500, {"phase": "eval", "stage": "after_sft", "accuracy": 0.9, "format_compliance": 1.0,
+                          "num_problems": 1000})]
+    lines = accuracy_figure(evaluations, None).axes[0].get_lines()
+    assert len(lines) == 4 and all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in lines)
+    assert [line.get_label() for line in lines] == ["accuracy (1000 problems)", "accuracy along the run (200 problems)",
+                                                    "format (1000 problems)", "format along the run (200 problems)"]

@@ -1,0 +1,74 @@
+"""A run's records in its output folder: a new run never loses an earlier run's. Their files move to
+earlier_runs/, and a GRPO run from the folder's own finished SFT run continues that run's records
+(metrics.jsonl goes on, eval.json keeps the evaluations before and after SFT)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from shared.config import RunConfig
+from shared.evaluation import EvalResult
+from shared.resume import FINAL_FOLDERS, RUN_STATUS_FILE, RunState, run_finished
+
+logger = logging.getLogger("local_reasoning")
+
+EARLIER_FOLDER = "earlier_runs"
+RECORDS = ("run_config.json", "metrics.jsonl", "eval.json", "report.md", "plots", RUN_STATUS_FILE)
+
+
+def continues_sft_run(output: Path, config: RunConfig) -> bool:
+    """A GRPO run from output/sft_final, where the finished run of `output` was an SFT run."""
+    if config.mode != "grpo" or not run_finished(output):
+        return False
+    if Path(config.sft_checkpoint).resolve() != (Path(output) / FINAL_FOLDERS["sft"]).resolve():
+        return False
+    try:
+        return json.loads((Path(output) / "run_config.json").read_text())["mode"] == "sft"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def move_earlier_records(output: Path) -> Path | None:
+    """The earlier run's record files moved to earlier_runs/<when>-<mode>/; None where there were none."""
+    output = Path(output)
+    present = [output / name for name in RECORDS if (output / name).exists()]
+    if not (output / "run_config.json").exists():
+        return None
+    try:
+        mode = json.loads((output / "run_config.json").read_text())["mode"]
+    except (ValueError, KeyError, TypeError):
+        mode = "run"
+    when = datetime.fromtimestamp((output / "run_config.json").stat().st_mtime).strftime("%Y-%m-%d-%H%M%S")
+    folder, number = output / EARLIER_FOLDER / f"{when}-{mode}", 1
+    while folder.exists():
+        number += 1
+        folder = output / EARLIER_FOLDER / f"{when}-{mode}-{number}"
+    folder.mkdir(parents=True)
+    for path in present:
+        os.replace(path, folder / path.name)
+    return folder
+
+
+def start_records(output: Path, config: RunConfig) -> RunState:
+    """A fresh run's starting state: the earlier run's records kept in earlier_runs/, and carried on
+    where this run continues the folder's SFT run."""
+    continues = continues_sft_run(output, config)
+    earlier = move_earlier_records(output)
+    if earlier is None:
+        return RunState()
+    logger.info("the earlier run's records in %s are kept in %s", output, earlier)
+    if not continues:
+        return RunState()
+    try:
+        evaluations = json.loads((earlier / "eval.json").read_text())
+        results = {stage: EvalResult(**values) for stage, values in evaluations["in_distribution"].items()}
+        shutil.copyfile(earlier / "metrics.jsonl", Path(output) / "metrics.jsonl")
+    except (OSError, ValueError, KeyError, TypeError):  # incomplete records: they stay in earlier_runs/ only
+        return RunState()
+    logger.info("GRPO continues the records of the SFT run in %s", output)
+    records = len((Path(output) / "metrics.jsonl").read_text().splitlines())
+    return RunState(metrics_records=records, results=results, timings=evaluations.get("timings", {}))
