@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from shared.checkpoints import is_out_of_memory, is_out_of_space
+from shared.checkpoints import check_can_write, is_out_of_memory, is_out_of_space
 from shared.config import EvalConfig
 from shared.data import check_problem_count
 from shared.distributed import launched_processes
@@ -96,6 +96,7 @@ def train(**options) -> None:
     from backends import make_backend
 
     setup_logging(options["log_level"])
+    check_can_write(options["output_dir"], "--output-dir", folder=True)
     config, point = run_to_start(options, flags_given())
     backend = make_backend(config.backend, options["micro_batch_size"])
     if backend.rank:  # one process of a data-parallel run logs the progress
@@ -135,6 +136,7 @@ def sweep(counts: str, **options) -> None:
     from backends import make_backend
 
     setup_logging(options["log_level"])
+    check_can_write(options["output_dir"], "--output-dir", folder=True)
     numbers = parse_counts(counts)
     run_config_from_options({**options, "num_samples": numbers[-1], "sft_checkpoint": None})  # the largest fits
     config = run_config_from_options({**options, "num_samples": numbers[0], "sft_checkpoint": None})
@@ -223,6 +225,8 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     setup_logging(log_level)
     check_problem_count("--num-samples", num_samples, held_out=True)
     check_problem_count("--ood-samples", ood_samples, held_out=True, shapes=OUT_OF_DISTRIBUTION)
+    if json_path:
+        check_can_write(json_path, "--json", folder=False)
     model = load_for_inference(checkpoint, backend)
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
@@ -234,6 +238,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     results = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({name: {**r.summary(), "samples": r.samples} for name, r in results.items()},
                                         indent=2))
 
@@ -259,6 +264,7 @@ def convert(checkpoint: Path, target: str, output: Path, source: str | None, mer
 
     if output.exists():
         raise UserError(f"{output} already exists; choose a new --output folder")
+    check_can_write(output, "--output", folder=True)
     if checkpoint.suffix.lower() == ".gguf":
         from shared.pretrained import import_gguf_file
 

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.errors import UsageError, UserError
 from shared.layouts import RUN_CONFIG_FILE
 from shared.manifest import write_manifest
 from shared.tensor_files import check_safetensors
@@ -76,6 +76,20 @@ def is_out_of_space(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in NO_ROOM:
         return True
     return any(text in str(error) for text in ("No space left", "os error 28", "File too large", "os error 27"))
+
+
+def check_can_write(path: Path, flag: str, folder: bool) -> None:
+    """Before any work: `path` can be written, as a folder or a file (or created, under its nearest
+    existing parent)."""
+    path = Path(path)
+    wanted = "a folder" if folder else "a file"
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{flag} {path} is {'a file' if folder else 'a folder'}; give {wanted}")
+    nearest = path if path.exists() else next(parent for parent in path.absolute().parents if parent.exists())
+    if not nearest.is_dir():
+        raise UsageError(f"{flag} {path} cannot be {wanted}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK):
+        raise UsageError(f"{flag} {path} cannot be written: {nearest} is not writable")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

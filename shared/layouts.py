@@ -71,7 +71,9 @@ def check_checkpoint(path: Path) -> Path:
         raise UserError(f"checkpoint {str(path)!r} does not exist (train one with: python cli.py train)")
     weights = list(path.glob("*.safetensors"))
     if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG_FILE).exists():
-        raise UserError(f"{path} is not a model folder: no config.json or {ADAPTER_CONFIG_FILE}")
+        inside = [name for name in ("reasoning_final", "sft_final") if (path / name).is_dir()]
+        hint = f" (a run's folder: its checkpoints are {' and '.join(str(path / n) for n in inside)})" if inside else ""
+        raise UserError(f"{path} is not a model folder: no config.json or {ADAPTER_CONFIG_FILE}{hint}")
     if not weights:
         raise UserError(f"{path} holds no .safetensors weights")
     for file in weights:

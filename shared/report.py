@@ -92,7 +92,7 @@ def accuracy_figure(evaluations: list[tuple[int, dict]], grpo_starts: int | None
     never measured. Those along the run (on fewer problems) are hollow."""
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(7, 4.8))
     for metric, label, color in (("accuracy", "accuracy", "C0"), ("format_compliance", "format", "C1")):
         for along_the_run in (False, True):
             points = [(p, r) for p, r in evaluations if ("step" in r) == along_the_run]
@@ -109,7 +109,7 @@ def accuracy_figure(evaluations: list[tuple[int, dict]], grpo_starts: int | None
     axis.set(title="Held-out accuracy during training (greedy)", xlabel="optimiser step (SFT, then GRPO)",
              ylabel="% of held-out problems", ylim=(-2, 102))
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")  # below: never on a point
     return figure
 
 

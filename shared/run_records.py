@@ -34,22 +34,28 @@ def continues_sft_run(output: Path, config: RunConfig) -> bool:
 
 def move_earlier_records(output: Path) -> Path | None:
     """The earlier run's record files moved to earlier_runs/<when>-<mode>/; None where there were none."""
-    output = Path(output)
-    present = [output / name for name in RECORDS if (output / name).exists()]
-    if not (output / "run_config.json").exists():
-        return None
     try:
-        mode = json.loads((output / "run_config.json").read_text())["mode"]
-    except (ValueError, KeyError, TypeError):
+        mode = json.loads((Path(output) / "run_config.json").read_text())["mode"]
+    except (OSError, ValueError, KeyError, TypeError):
         mode = "run"
-    when = datetime.fromtimestamp((output / "run_config.json").stat().st_mtime).strftime("%Y-%m-%d-%H%M%S")
-    folder, number = output / EARLIER_FOLDER / f"{when}-{mode}", 1
+    return move_to_earlier(output, RECORDS, mode)
+
+
+def move_to_earlier(output: Path, names: tuple[str, ...], label: str) -> Path | None:
+    """These files of an earlier run (the first says whether there was one) moved to
+    earlier_runs/<when it was written>-<label>/; None where there were none."""
+    output = Path(output)
+    if not (output / names[0]).exists():
+        return None
+    when = datetime.fromtimestamp((output / names[0]).stat().st_mtime).strftime("%Y-%m-%d-%H%M%S")
+    folder, number = output / EARLIER_FOLDER / f"{when}-{label}", 1
     while folder.exists():
         number += 1
-        folder = output / EARLIER_FOLDER / f"{when}-{mode}-{number}"
+        folder = output / EARLIER_FOLDER / f"{when}-{label}-{number}"
     folder.mkdir(parents=True)
-    for path in present:
-        os.replace(path, folder / path.name)
+    for name in names:
+        if (output / name).exists():
+            os.replace(output / name, folder / name)
     return folder
 
 

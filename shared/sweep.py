@@ -12,8 +12,10 @@ from shared.backend import Backend
 from shared.config import RunConfig
 from shared.errors import UsageError
 from shared.pipeline import run_training
+from shared.run_records import move_to_earlier
 
 logger = logging.getLogger("local_reasoning")
+SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png")
 
 
 def parse_counts(text: str) -> list[int]:
@@ -43,6 +45,8 @@ def run_sweep(config: RunConfig, counts: list[int], new_backend: Callable[[], Ba
                      "grpo_accuracy": results["after_grpo"].accuracy if "after_grpo" in results else None,
                      "minutes": (time.perf_counter() - began) / 60})
         if backend.rank == 0:  # after every run, so an interrupted sweep keeps what it measured
+            if len(rows) == 1:
+                move_to_earlier(output, SWEEP_FILES, "sweep")  # an earlier sweep's table is kept, not replaced
             write_sweep(output, rows, config)
     return rows
 
@@ -74,11 +78,12 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
         return
     figure, axis = plt.subplots(figsize=(7, 4))
     counts = [row["num_samples"] for row in rows]
-    axis.plot(counts, [100 * row["sft_accuracy"] for row in rows], marker="o", label="after SFT")
+    # points only: a line would draw accuracies at sample counts that were never run
+    axis.plot(counts, [100 * row["sft_accuracy"] for row in rows], marker="o", linestyle="none", label="after SFT")
     with_grpo = [row for row in rows if row["grpo_accuracy"] is not None]
     if with_grpo:
         axis.plot([row["num_samples"] for row in with_grpo], [100 * row["grpo_accuracy"] for row in with_grpo],
-                  marker="s", label="after SFT + GRPO")
+                  marker="s", linestyle="none", label="after SFT + GRPO")
     axis.set(xscale="log", title="Held-out accuracy against SFT training data", xlabel="SFT problems (log scale)",
              ylabel="% of held-out problems", ylim=(-2, 102))
     axis.set_xticks(counts, [f"{count:,}" for count in counts])

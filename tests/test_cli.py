@@ -164,6 +164,23 @@ def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()  # nothing started
 
 
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(trained_run, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for args, message in [
+        (["train", "--model", "tiny", "--output-dir", a_file], f"error: --output-dir {a_file} is a file; give a folder"),
+        (["sweep", "--num-samples", "8", "--model", "tiny", "--output-dir", a_file / "sub"],
+         f"error: --output-dir {a_file / 'sub'} cannot be a folder: {a_file} is a file"),
+        (["eval", "--checkpoint", trained_run[0] / "sft_final", "--json", tmp_path],
+         f"error: --json {tmp_path} is a folder; give a file"),
+        (["convert", trained_run[0] / "sft_final", "--to", "mlx", "--output", a_file / "x"],
+         f"error: --output {a_file / 'x'} cannot be a folder: {a_file} is a file"),
+    ]:
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == message, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and " INFO " not in result.stderr  # refused before any work
+
+
 def test_counts_at_their_limits_run_and_a_completion_past_the_context_is_refused(trained_run, cache_env):
     folder = trained_run[0] / "reasoning_final"
     at_limit = run_cli("eval", "--checkpoint", folder, "--num-samples", "2", "--ood-samples", "245",

@@ -67,6 +67,12 @@ def test_sweep_writes_the_results_table_per_sample_count(tmp_path):
         run = tmp_path / f"samples_{count}"
         assert json.loads((run / "run_config.json").read_text())["sft"]["num_samples"] == count
         assert (run / "reasoning_final" / "model.safetensors").exists() and (run / "report.md").exists()
+    again = run_cli("sweep", "--num-samples", "32", *budget, "--output-dir", tmp_path)  # the same folder
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [row["num_samples"] for row in json.loads((tmp_path / "sweep.json").read_text())["rows"]] == [32]
+    [earlier] = (tmp_path / "earlier_runs").iterdir()  # the first sweep's table, kept
+    assert [row["num_samples"] for row in json.loads((earlier / "sweep.json").read_text())["rows"]] == [32, 64]
+    assert len(list((tmp_path / "samples_32" / "earlier_runs").iterdir())) == 1
     bad = run_cli("sweep", "--num-samples", "100,lots", "--model", "tiny")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --num-samples takes whole numbers separated by commas, like 100,500,1000; got '100,lots'"]
