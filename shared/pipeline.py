@@ -117,8 +117,9 @@ def starting_model(config: RunConfig, backend: Backend) -> Path | str:
     """The model a fresh run starts from, resolved and checked against the run's LoRA rank."""
     folder = check_checkpoint(Path(config.sft_checkpoint)) if config.mode == "grpo" else \
         model_folder_once(config.model, backend)
-    if config.model.finetune == "lora" and checkpoint_kind(local_model(folder)) == "full":
-        check_lora_rank(config.model.lora_rank, config.model.lora_targets, local_model(folder))
+    local = local_model(folder)
+    if config.model.finetune == "lora" and checkpoint_kind(local) == "full":
+        check_lora_rank(config.model.lora_rank, config.model.lora_targets, local)
     return folder
 
 
