@@ -8,13 +8,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shared.distributed import launched_processes
+
 # a rank that stops answering (killed, hung) fails the others' next collective after this long
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("LOCAL_REASONING_COLLECTIVE_TIMEOUT", "600")))
 
 
 def join_process_group() -> tuple[int, int]:
     """(rank, world size): the launcher's process group, joined once; (0, 1) without a launcher."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() == 1:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
