@@ -107,6 +107,7 @@ def train(**options) -> None:
         logger.info("resuming from %s (%s step %d of %d)", point[1], point[0].phase.upper(), point[0].step,
                     point[0].total_steps)
     results, out_of_distribution = run_training(config, backend, point)
+    backend.close()
     if backend.rank:  # one process of a data-parallel run reports
         return
     click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))

@@ -48,6 +48,9 @@ class MLXBackend:
             return np.array(values, dtype=np.float64)
         return all_sum(values)
 
+    def close(self) -> None:
+        """mx.distributed has no group to leave: its ring closes as the process exits."""
+
     def set_reference(self, folder: Path | None = None) -> None:
         if self.loaded.lora:
             return

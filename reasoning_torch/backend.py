@@ -14,7 +14,8 @@ from shared.grpo import policy_drift
 from shared.padding import TokenBatch
 from shared.prompts import stop_token_ids
 from reasoning_torch.batching import micro_batches
-from reasoning_torch.distributed import all_sum, join_process_group, process_device, sum_gradients
+from reasoning_torch.distributed import (all_sum, join_process_group, leave_process_group, process_device,
+                                         sum_gradients)
 from reasoning_torch.generate import generate
 from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
 from reasoning_torch.model import load_model, pick_device, save_model
@@ -38,6 +39,10 @@ class TorchBackend:
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            leave_process_group()
 
     def set_reference(self, folder: Path | None = None) -> None:
         if hasattr(self.model, "disable_adapter"):

@@ -23,6 +23,14 @@ def join_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_process_group() -> None:
+    """After the last collective of a run that succeeded on every rank: a group left to the interpreter's exit
+    can abort the process ('terminate called without an active exception') after its work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def process_device() -> torch.device | None:
     """This process's GPU under a launcher (LOCAL_RANK), else None: the backend picks."""
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:

@@ -50,6 +50,9 @@ class Backend(Protocol):
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         """`values` summed element-wise over the processes of the run, as float64 (a copy when alone)."""
 
+    def close(self) -> None:
+        """After a run that succeeded on every process: leave the launcher's process group (no-op alone)."""
+
     def set_reference(self, folder: Path | None = None) -> None:
         """The KL term's reference policy: the current weights, or those saved in `folder` (a resumed
         run's GRPO start). With LoRA the reference is always the base with the adapters off."""

@@ -48,6 +48,7 @@ def run_sweep(config: RunConfig, counts: list[int], new_backend: Callable[[], Ba
             if len(rows) == 1:
                 move_to_earlier(output, SWEEP_FILES, "sweep")  # an earlier sweep's table is kept, not replaced
             write_sweep(output, rows, config)
+    backend.close()
     return rows
 
 
