@@ -86,6 +86,15 @@ def test_torchrun_trains_with_one_writer_and_a_checkpoint_transformers_loads(env
     assert model.config.model_type == "qwen2"
 
 
+def test_processes_leave_the_group_and_exit_cleanly(env):
+    """After a run each process leaves the process group. Left to the interpreter's exit, a gloo rank can
+    abort ('terminate called without an active exception'): 5 of 8 runs of this script with 'open' did."""
+    results = [torchrun(2, ROOT / "tests/helpers/process_group_exit.py", "close", env=env, timeout=120)
+               for _ in range(5)]
+    assert all(r.returncode == 0 and "terminate called" not in r.stderr for r in results), \
+        [r.stderr[-500:] for r in results if r.returncode]
+
+
 def worker_pids(output: Path) -> list[int]:
     """The training processes (not the launcher, not a shell around them) writing to `output`."""
     listing = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
