@@ -49,7 +49,7 @@ class MLXBackend:
         return all_sum(values)
 
     def close(self) -> None:
-        """mx.distributed has no group to leave: its ring closes as the process exits."""
+        """mx.distributed has no call to leave a group (init, the collectives, nothing to close)."""
 
     def set_reference(self, folder: Path | None = None) -> None:
         if self.loaded.lora:
