@@ -3,6 +3,7 @@ whole folders), and the model cache they go to."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -23,6 +24,20 @@ def cache_root() -> Path:
     root = os.environ.get("LOCAL_REASONING_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "local-reasoning")
     return Path(root)
+
+
+@contextmanager
+def cache_lock(folder: Path):
+    """Held while a cached model folder is checked and built: processes started together (torchrun ranks,
+    parallel jobs) on a fresh cache build it once, one after the other, instead of racing the rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.checkpoints import atomic_folder, cache_root
+from shared.checkpoints import atomic_folder, cache_lock, cache_root
 from shared.errors import UserError
 from shared.gguf_import import import_gguf
 from shared.manifest import local_model_folder, write_manifest
@@ -55,10 +55,11 @@ def ensure_shipped_model(name: str) -> Path:
     model = SHIPPED_MODELS[name]
     source = shipped_file(model)
     folder = cache_root() / f"{model.name}-{file_sha256(source)[:12]}"
-    if (folder / "manifest.json").exists():
-        return folder
-    logger.info("importing %s into %s (once)", source.name, folder)
-    import_gguf_file(source, folder, "torch")
+    with cache_lock(folder):
+        if (folder / "manifest.json").exists():
+            return folder
+        logger.info("importing %s into %s (once)", source.name, folder)
+        import_gguf_file(source, folder, "torch")
     return folder
 
 

@@ -7,12 +7,15 @@ same loading code that serves Qwen/Qwen2.5-0.5B serves it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shared.checkpoints import atomic_folder, cache_root
+from shared.checkpoints import atomic_folder, cache_lock, cache_root
+
+logger = logging.getLogger("local_reasoning")
 
 TINY_MODEL_NAME = "tiny"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -200,6 +203,8 @@ def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """The tiny model's folder, built on first use and cached (rebuilt if the spec changed)."""
     folder = tiny_model_cache_dir()
     spec_file = folder / "tiny_model_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == asdict(spec):
-        return folder
-    return write_tiny_model(folder, spec)
+    with cache_lock(folder):
+        if spec_file.exists() and json.loads(spec_file.read_text()) == asdict(spec):
+            return folder
+        logger.info("building the tiny model in %s (once)", folder)
+        return write_tiny_model(folder, spec)

@@ -82,3 +82,24 @@ def test_rewriting_replaces_the_folder_atomically(tmp_path):
     write_tiny_model(folder, TinyModelSpec(seed=4))
     assert (folder / "model.safetensors").read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folders left behind
+
+
+def test_processes_started_together_on_a_fresh_cache_all_get_the_model(tmp_path):
+    """torchrun ranks resolve --model tiny at the same moment: without the cache lock each built its own
+    copy, and one of two such processes once failed renaming it over the other's (OSError: Directory not empty)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from shared.tiny_model import ensure_tiny_model; print(ensure_tiny_model())")
+    env = {**os.environ, "LOCAL_REASONING_CACHE": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    assert [code for code, _, _ in results] == [0] * 8, [err[-300:] for _, _, err in results]
+    folders = {out.strip() for _, out, _ in results}
+    assert len(folders) == 1
+    assert sum("building the tiny model" in err for _, _, err in results) == 1  # the others waited and reused it
+    assert load_file(str(next(iter(folders)) + "/model.safetensors"))["model.embed_tokens.weight"].shape[0] == 384
