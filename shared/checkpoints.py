@@ -3,7 +3,6 @@ whole folders), and the model cache they go to."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -30,6 +29,11 @@ def cache_root() -> Path:
 def cache_lock(folder: Path):
     """Held while a cached model folder is checked and built: processes started together (torchrun ranks,
     parallel jobs) on a fresh cache build it once, one after the other, instead of racing the rename."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one process at a time is then the user's to arrange
+        yield
+        return
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:

@@ -97,9 +97,9 @@ def test_processes_started_together_on_a_fresh_cache_all_get_the_model(tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(8)]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
-    assert [code for code, _, _ in results] == [0] * 8, [err[-300:] for _, _, err in results]
-    folders = {out.strip() for _, out, _ in results}
+    results = [(*p.communicate(timeout=300), p.returncode) for p in processes]
+    assert [status for _, _, status in results] == [0] * 8, [err[-300:] for _, err, _ in results]
+    folders = {out.strip() for out, _, _ in results}
     assert len(folders) == 1
-    assert sum("building the tiny model" in err for _, _, err in results) == 1  # the others waited and reused it
+    assert sum("building the tiny model" in err for _, err, _ in results) == 1  # the others waited and reused it
     assert load_file(str(next(iter(folders)) + "/model.safetensors"))["model.embed_tokens.weight"].shape[0] == 384
