@@ -187,7 +187,8 @@ def test_shipped_smollm2_imports_once_and_matches_transformers(tmp_path, monkeyp
     monkeypatch.setenv("LOCAL_REASONING_CACHE", str(tmp_path))
     folder = ensure_shipped_model("smollm2")
     assert ensure_shipped_model("smollm2") == folder  # cached: the second call imports nothing
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    # the model folder and its lock file only: no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, f".{folder.name}.lock"])
     source = shipped_file(SHIPPED_MODELS["smollm2"])
     reference = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
                                                      dtype=torch.float32).eval()
