@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from tokenizers import Tokenizer
 
@@ -9,6 +13,8 @@ from safetensors.numpy import load_file
 from shared.data import Problem, reasoning_target
 from shared.prompts import prompt_ids, target_ids
 from shared.tiny_model import TinyModelSpec, model_weights, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_weights_are_deterministic_in_the_seed():
@@ -87,15 +93,10 @@ def test_rewriting_replaces_the_folder_atomically(tmp_path):
 def test_processes_started_together_on_a_fresh_cache_all_get_the_model(tmp_path):
     """torchrun ranks resolve --model tiny at the same moment: without the cache lock each built its own
     copy, and one of two such processes once failed renaming it over the other's (OSError: Directory not empty)."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
             "from shared.tiny_model import ensure_tiny_model; print(ensure_tiny_model())")
     env = {**os.environ, "LOCAL_REASONING_CACHE": str(tmp_path)}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(8)]
     results = [(*p.communicate(timeout=300), p.returncode) for p in processes]
     assert [status for _, _, status in results] == [0] * 8, [err[-300:] for _, err, _ in results]
