@@ -13,12 +13,12 @@ from mlx.utils import tree_flatten, tree_map
 from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.grpo import policy_drift
-from shared.padding import TokenBatch
+from shared.padding import TokenBatch, prefix_blocks
 from shared.prompts import stop_token_ids
-from reasoning_mlx.batching import right_padded, roll_rows
+from reasoning_mlx.batching import leading_padding, right_padded, roll_rows
 from reasoning_mlx.distributed import all_sum, join_group, sum_gradients
 from reasoning_mlx.generate import generate
-from reasoning_mlx.losses import grpo_loss, token_logprobs
+from reasoning_mlx.losses import grpo_loss, prefix_logprobs, token_logprobs
 from reasoning_mlx.model import LoadedModel, load_model, save_model, set_lora_scale
 from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state, write_optimizer_file
 
@@ -26,8 +26,9 @@ from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_o
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, micro_batch_size: int = 64):
+    def __init__(self, micro_batch_size: int = 64, shared_prefix: bool = True):
         self.micro_batch_size = micro_batch_size
+        self.shared_prefix = shared_prefix  # False: every row carries its prompt (the reference the tests compare to)
         self.rank, self.world_size = join_group()
         self.loaded: LoadedModel | None = None
         self.model = self.tokenizer = self.optimizer = self.reference_weights = None
@@ -64,13 +65,33 @@ class MLXBackend:
 
     def completion_logprobs(self, batch: TokenBatch, temperature: float = 1.0,
                             reference: bool = False) -> np.ndarray:
-        shifts, ids, mask = right_padded(batch)
-        chunks = []
+        logprobs = np.zeros(batch.input_ids.shape, dtype=np.float32)
         with self.reference_policy() if reference else nullcontext():
-            for rows in self.row_slices(len(batch)):
-                logprobs = token_logprobs(self.model, mx.array(ids[rows]), temperature) * mx.array(mask[rows])
-                chunks.append(np.array(logprobs))
-        return roll_rows(np.concatenate(chunks), -shifts)
+            for rows, columns, inputs in self.logprob_parts(batch):
+                logprobs[rows, columns] = np.array(self.part_logprobs(inputs, temperature))
+        logprobs[batch.completion_mask == 0] = 0.0
+        return logprobs
+
+    def logprob_parts(self, batch: TokenBatch):
+        """(rows, columns, inputs) for each micro-batch, where part_logprobs(inputs) are the log-probs of
+        batch[rows, columns]: each distinct prompt run once (shared_prefix), or each row with its own
+        copy of its prompt, rolled to start at column 0 (mlx-lm models take no attention mask)."""
+        if self.shared_prefix:
+            for block in prefix_blocks(batch, self.micro_batch_size):
+                yield block.rows, block.columns, tuple(map(mx.array, (block.prompts, block.prompt_of_row,
+                                                                      block.completions)))
+            return
+        shifts = leading_padding(batch.attention_mask)
+        ids, width = roll_rows(batch.input_ids, shifts), batch.input_ids.shape[1]
+        for rows in self.row_slices(len(batch)):
+            rolled_back = (np.arange(width)[None] - shifts[rows, None]) % width
+            yield np.arange(len(batch))[rows], slice(None), (mx.array(ids[rows]), mx.array(rolled_back))
+
+    def part_logprobs(self, inputs: tuple, temperature: float) -> mx.array:
+        if self.shared_prefix:
+            return prefix_logprobs(self.model, *inputs, temperature)
+        ids, rolled_back = inputs
+        return mx.take_along_axis(token_logprobs(self.model, ids, temperature), rolled_back, axis=1)
 
     @contextmanager
     def reference_policy(self):
@@ -142,24 +163,26 @@ class MLXBackend:
             zeros = tree_map(mx.zeros_like, self.model.trainable_parameters())
             return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0,
                     "grad_norm": self.apply_gradients(zeros, lr, settings)}
-        tokens = batch.tokens
-        shifts, ids, mask = right_padded(tokens)
-        old, ref = (None if a is None else roll_rows(a, shifts).astype(np.float32)
-                    for a in (batch.old_logprobs, batch.ref_logprobs))
-        totals = batch.loss_totals(settings.max_new_tokens)
+        tokens, totals = batch.tokens, batch.loss_totals(settings.max_new_tokens)
 
-        def loss_fn(ids_part, mask_part, old_part, ref_part, advantages_part):
-            new = token_logprobs(self.model, ids_part, settings.temperature) * mask_part
+        def loss_fn(inputs, mask_part, old_part, ref_part, advantages_part):
+            new = self.part_logprobs(inputs, settings.temperature) * mask_part
             old_part = mx.stop_gradient(new) if old_part is None else old_part
             return grpo_loss(new, old_part, advantages_part, mask_part, settings, ref_part, **totals), new
 
-        def part(array, rows):
-            return None if array is None else mx.array(array[rows])
+        def given(array, rows, columns):
+            return None if array is None else mx.array(array[rows][:, columns].astype(np.float32))
 
-        inputs = ((mx.array(ids[rows]), mx.array(mask[rows]), part(old, rows), part(ref, rows),
-                   mx.array(batch.advantages[rows], dtype=mx.float32)) for rows in self.row_slices(len(tokens)))
-        loss, gradients, new = self.accumulate(loss_fn, inputs)
-        stats = {"loss": loss, **policy_drift(np.concatenate(new), old, ref, mask, settings.epsilon)}
+        parts = list(self.logprob_parts(tokens))
+        loss, gradients, new_parts = self.accumulate(loss_fn, (
+            (inputs, *(given(a, rows, columns) for a in (tokens.completion_mask, batch.old_logprobs,
+                                                          batch.ref_logprobs)),
+             mx.array(batch.advantages[rows], dtype=mx.float32)) for rows, columns, inputs in parts))
+        new = np.zeros(tokens.input_ids.shape, dtype=np.float32)
+        for (rows, columns, _), part_new in zip(parts, new_parts):
+            new[rows, columns] = part_new
+        stats = {"loss": loss, **policy_drift(new, batch.old_logprobs, batch.ref_logprobs, tokens.completion_mask,
+                                              settings.epsilon)}
         stats["grad_norm"] = self.apply_gradients(gradients, lr, settings)
         return stats
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
 from shared.config import GRPOConfig
 from shared.grpo import token_weights
@@ -18,6 +19,34 @@ def token_logprobs(model, input_ids: mx.array, temperature: float = 1.0) -> mx.a
     targets = input_ids[:, 1:]
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
     return mx.pad(picked - mx.logsumexp(logits, axis=-1), [(0, 0), (1, 0)])
+
+
+class PrefixCache(KVCache):
+    """mlx-lm's KV cache written by concatenation rather than into a preallocated buffer, so that
+    gradients flow back through the prompt's keys and values."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+        return keys, values
+
+
+def prefix_logprobs(model, prompts: mx.array, prompt_of_row: mx.array, completions: mx.array,
+                    temperature: float = 1.0) -> mx.array:
+    """(m, R) log-prob of each completion token (pads included: mask them), each distinct prompt (n, P)
+    run once: every row's completion attends to its prompt's keys and values, so the gradient through
+    the prompt is the sum over the rows that share it."""
+    cache = [PrefixCache() for _ in model.layers]
+    logits = [model(prompts, cache=cache)[:, -1:][prompt_of_row]]  # the prompt's last position: first tokens
+    if completions.shape[1] > 1:
+        for layer in cache:  # indexing: differentiable, each row gets its prompt's keys and values
+            layer.keys, layer.values = layer.keys[prompt_of_row], layer.values[prompt_of_row]
+        logits.append(model(completions[:, :-1], cache=cache))
+    logits = mx.concatenate(logits, axis=1).astype(mx.float32) / temperature
+    picked = mx.take_along_axis(logits, completions[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
 
 
 def grpo_loss(new_logprobs: mx.array, old_logprobs: mx.array, advantages: mx.array, mask: mx.array,

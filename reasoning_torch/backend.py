@@ -11,13 +11,13 @@ import torch
 from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.grpo import policy_drift
-from shared.padding import TokenBatch
+from shared.padding import TokenBatch, prefix_blocks
 from shared.prompts import stop_token_ids
 from reasoning_torch.batching import micro_batches
 from reasoning_torch.distributed import (all_sum, join_process_group, leave_process_group, process_device,
                                          sum_gradients)
 from reasoning_torch.generate import generate
-from reasoning_torch.losses import grpo_loss, sft_loss, to_tensors, token_logprobs
+from reasoning_torch.losses import grpo_loss, prefix_logprobs, sft_loss, to_tensors, token_logprobs
 from reasoning_torch.model import load_model, pick_device, save_model
 from reasoning_torch.optimizer import load_optimizer_state, make_optimizer, save_optimizer_state, write_optimizer_file
 
@@ -25,10 +25,11 @@ from reasoning_torch.optimizer import load_optimizer_state, make_optimizer, save
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, micro_batch_size: int = 64, device: str | None = None):
+    def __init__(self, micro_batch_size: int = 64, device: str | None = None, shared_prefix: bool = True):
         self.rank, self.world_size = join_process_group()
         self.device = torch.device(device) if device else process_device() or pick_device()
         self.micro_batch_size = micro_batch_size
+        self.shared_prefix = shared_prefix  # False: every row carries its prompt (the reference the tests compare to)
         self.model = self.tokenizer = self.optimizer = self.reference = None
         self.saved_optimizer_state: dict[str, torch.Tensor] = {}
 
@@ -79,11 +80,24 @@ class TorchBackend:
                             reference: bool = False) -> np.ndarray:
         model = self.reference_model() if reference else self.model
         logprobs = np.zeros(batch.input_ids.shape, dtype=np.float32)
-        with self.autocast():
-            for rows, columns, part in self.parts(batch):
-                part_logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
-                logprobs[rows, columns] = part_logprobs.float().cpu().numpy()
+        for rows, columns, part_logprobs in self.logprob_parts(model, batch, temperature):
+            logprobs[rows, columns] = part_logprobs.float().cpu().numpy()
+        logprobs[batch.completion_mask == 0] = 0.0  # the prefix pass also scores the pads after a completion
         return logprobs
+
+    def logprob_parts(self, model, batch: TokenBatch, temperature: float):
+        """(rows, columns, their per-token log-probs) for each micro-batch: each distinct prompt run once
+        (shared_prefix), or each row with its own copy of its prompt."""
+        if self.shared_prefix:
+            for block in prefix_blocks(batch, self.micro_batch_size):
+                with self.autocast():
+                    logprobs = prefix_logprobs(model, block, self.device, temperature)
+                yield block.rows, block.columns, logprobs
+            return
+        for rows, columns, part in self.parts(batch):
+            with self.autocast():
+                logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
+            yield rows, columns, logprobs
 
     def reference_model(self):
         """The starting policy for the KL term: LoRA disabled, or a frozen copy of full weights."""
@@ -131,18 +145,16 @@ class TorchBackend:
             return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": self.optimizer_step(lr, settings)}
         tokens, totals = batch.tokens, batch.loss_totals(settings.max_new_tokens)
         loss, new_logprobs = 0.0, np.zeros(tokens.input_ids.shape, dtype=np.float32)
-        for rows, columns, part in self.parts(tokens):
-            tensors = to_tensors(part, self.device)
-            with self.autocast():
-                new = token_logprobs(self.model, tensors, settings.temperature)
+        for rows, columns, new in self.logprob_parts(self.model, tokens, settings.temperature):
 
-            def given(logprobs: np.ndarray | None) -> torch.Tensor | None:
-                return None if logprobs is None else torch.from_numpy(logprobs[rows][:, columns]).to(new)
+            def given(array: np.ndarray | None) -> torch.Tensor | None:
+                return None if array is None else torch.from_numpy(array[rows][:, columns]).to(new)
 
+            mask = given(tokens.completion_mask)
+            new = new * mask
             old = new.detach() if batch.old_logprobs is None else given(batch.old_logprobs)
             advantages = torch.from_numpy(batch.advantages[rows]).to(new)
-            part_loss = grpo_loss(new, old, advantages, tensors["completion_mask"], settings,
-                                  given(batch.ref_logprobs), **totals)
+            part_loss = grpo_loss(new, old, advantages, mask, settings, given(batch.ref_logprobs), **totals)
             part_loss.backward()
             loss += float(part_loss.detach())
             new_logprobs[rows, columns] = new.detach().float().cpu().numpy()

@@ -67,3 +67,37 @@ def trim_completion(tokens: list[int], stop_ids: set[int]) -> list[int]:
         if token in stop_ids:
             return tokens[: index + 1]
     return tokens
+
+
+@dataclass
+class PrefixBlock:
+    """Rows of a packed batch whose prompts have one length, each distinct prompt once: the shared-prefix
+    pass runs `prompts` through the model once, then each row's completion on its prompt's keys and values.
+
+    `completions` (m, R) are the batch's `columns` of those `rows`, right-padded; log-probs computed in
+    that (m, R) layout go back to `columns` of the batch.
+    """
+    rows: np.ndarray  # (m,) rows of the batch
+    prompts: np.ndarray  # (n, P)
+    prompt_of_row: np.ndarray  # (m,) index into prompts
+    completions: np.ndarray  # (m, R)
+    columns: slice
+
+
+def prefix_blocks(batch: TokenBatch, max_rows: int) -> list[PrefixBlock]:
+    """A batch from pack_batch cut into PrefixBlocks of at most `max_rows` rows, rows sharing a prompt
+    kept together (a GRPO group's G rows are contiguous), each block's completions cut to its longest."""
+    completion_columns = batch.completion_mask.any(0)
+    start = int(completion_columns.argmax()) if completion_columns.any() else batch.input_ids.shape[1]
+    prompt_lengths = batch.attention_mask[:, :start].sum(1)
+    completion_lengths = batch.completion_mask.sum(1)
+    blocks = []
+    for length in np.unique(prompt_lengths):
+        same_length = np.flatnonzero(prompt_lengths == length)
+        for first in range(0, len(same_length), max_rows):
+            rows = same_length[first:first + max_rows]
+            distinct, prompt_of_row = distinct_prompts([batch.input_ids[r, start - length:start].tolist() for r in rows])
+            columns = slice(start, start + max(int(completion_lengths[rows].max()), 1))
+            blocks.append(PrefixBlock(rows, np.array(distinct, dtype=batch.input_ids.dtype).reshape(len(distinct),
+                                      length), prompt_of_row, batch.input_ids[rows, columns], columns))
+    return blocks
