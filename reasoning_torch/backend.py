@@ -10,6 +10,7 @@ import torch
 
 from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
+from shared.drafts import NgramDrafter
 from shared.grpo import policy_drift
 from shared.padding import TokenBatch, prefix_blocks
 from shared.prompts import stop_token_ids
@@ -25,11 +26,14 @@ from reasoning_torch.optimizer import load_optimizer_state, make_optimizer, save
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, micro_batch_size: int = 64, device: str | None = None, shared_prefix: bool = True):
+    def __init__(self, micro_batch_size: int = 64, device: str | None = None, shared_prefix: bool = True,
+                 speculative: bool = True):
         self.rank, self.world_size = join_process_group()
         self.device = torch.device(device) if device else process_device() or pick_device()
         self.micro_batch_size = micro_batch_size
         self.shared_prefix = shared_prefix  # False: every row carries its prompt (the reference the tests compare to)
+        self.drafter = NgramDrafter() if speculative else None  # remembers completions across calls
+        self.generation_stats: dict = {}
         self.model = self.tokenizer = self.optimizer = self.reference = None
         self.saved_optimizer_state: dict[str, torch.Tensor] = {}
 
@@ -70,8 +74,9 @@ class TorchBackend:
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
-            rows = generate(self.model, prompts, max_new_tokens, temperature,
-                            stop_token_ids(self.tokenizer), self.tokenizer.pad_token_id, generator)
+            rows = generate(self.model, prompts, max_new_tokens, temperature, stop_token_ids(self.tokenizer),
+                            self.tokenizer.pad_token_id, generator, drafter=self.drafter,
+                            stats=self.generation_stats)
         self.model.train(was_training)
         return rows
 

@@ -60,9 +60,16 @@ def rope_theta(config) -> float:
 
 
 class LeanDecoder:
-    """Prefill then one token at a time, for a fixed batch, with a KV cache of `capacity` positions."""
+    """Prefill, then a few tokens per row at a time, with a KV cache of `capacity` slots per row.
 
-    def __init__(self, model, batch_size: int, capacity: int):
+    Each row keeps its own count of filled slots (its left padding included), so rows may keep
+    different numbers of the tokens a call ran (speculative decoding): `commit(counts)` keeps the
+    first counts[b] of row b's new tokens, and the next call writes over the rest.
+    """
+
+    parallel = True  # rows may commit different numbers of tokens
+
+    def __init__(self, model, padding: torch.Tensor, capacity: int):
         base = base_model(model)
         config = base.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -73,10 +80,12 @@ class LeanDecoder:
         self.lm_head = linear_weight(base.lm_head)[0]
         self.layers = [self._layer(layer) for layer in base.model.layers]
         dtype, device = self.embed.dtype, self.embed.device
-        shape = (batch_size, self.kv_heads, capacity, self.head_dim)
+        shape = (len(padding), self.kv_heads, capacity, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.length = 0
+        self.padding = padding  # (B,) slots before each row's first token, never attended to
+        self.filled = torch.zeros_like(padding)
+        self.running = 0
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
         inv_freq = 1.0 / rope_theta(config) ** exponents
         freqs = torch.arange(capacity, dtype=torch.float, device=device)[:, None] * inv_freq
@@ -101,15 +110,18 @@ class LeanDecoder:
         # in float32 as transformers does, whatever the weights' dtype
         return weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, V) after `ids` (B, T); `mask` covers every position so far, these included."""
+    def __call__(self, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """Next-token logits after each row's tokens so far and `ids` (B, T): (B, V) after the last of
+        them, or (B, T, V) after each with `every_position`. Commit them before the next call."""
         batch, steps = ids.shape
-        start, end = self.length, self.length + steps
-        queries = torch.arange(start, end, device=ids.device)[:, None]
-        keys = torch.arange(end, device=ids.device)[None, :]
-        # a query sees the real keys up to itself; a padding query sees itself, so no row is all -inf
-        allowed = ((keys <= queries) & mask[:, None, :end].bool()) | (keys == queries)
+        slots = self.filled[:, None] + torch.arange(steps, device=ids.device)  # (B, T)
+        end = int(slots.max()) + 1
+        keys = torch.arange(end, device=ids.device)[None, None, :]
+        # a query sees its row's real keys up to itself; a padding query sees itself, so no row is all -inf
+        allowed = ((keys <= slots[..., None]) & (keys >= self.padding[:, None, None])) | (keys == slots[..., None])
+        positions = (slots - self.padding[:, None]).clamp(min=0)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        written = slots[:, None, :, None].expand(batch, self.kv_heads, steps, self.head_dim)  # cache slots
         heads, kv_heads, half = self.heads, self.kv_heads, self.head_dim // 2
         x = F.embedding(ids, self.embed)
         for index, layer in enumerate(self.layers):
@@ -118,19 +130,25 @@ class LeanDecoder:
             qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE on q and k at once
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
-            self.keys[index][:, :, start:end] = k
-            self.values[index][:, :, start:end] = v.transpose(1, 2)
+            cache_dtype = self.keys[index].dtype  # under CUDA autocast k and v come in bf16
+            self.keys[index].scatter_(2, written, k.to(cache_dtype))
+            self.values[index].scatter_(2, written, v.transpose(1, 2).to(cache_dtype))
             attended = self.attend(q, self.keys[index][:, :, :end], self.values[index][:, :, :end], allowed)
             x = x + F.linear(attended, layer.out)
             normed = self.rms_norm(x, layer.post_norm)
             x = x + F.linear(F.silu(F.linear(normed, layer.gate)) * F.linear(normed, layer.up), layer.down)
-        self.length = end
-        return F.linear(self.rms_norm(x[:, -1], self.norm), self.lm_head)
+        self.running = steps
+        return F.linear(self.rms_norm(x if every_position else x[:, -1], self.norm), self.lm_head)
+
+    def commit(self, counts: torch.Tensor | None = None) -> None:
+        """Keep the first counts[b] of the tokens the last call ran for row b (default: all)."""
+        self.filled = self.filled + (self.running if counts is None else counts)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Go on with these rows of the batch only."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
+        self.padding, self.filled = self.padding[rows], self.filled[rows]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention: q (B, H, Tq, D), k and v (B, KV, Tk, D); allowed (B, Tq, Tk)."""

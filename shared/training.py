@@ -99,6 +99,15 @@ def processes(backend: Backend) -> dict:
     return {"processes": backend.world_size} if backend.world_size > 1 else {}
 
 
+def decoding_stats(counts: dict, tokens: int) -> dict:
+    """What speculative decoding did in a rollout: the fraction of drafted tokens accepted, and the
+    tokens each row gained per forward of the model (1 without drafts)."""
+    if not counts.get("forwards"):
+        return {}
+    return {"draft_acceptance": counts["accepted"] / max(counts["drafted"], 1),
+            "tokens_per_forward": 1 + counts["accepted"] / max(counts["row_forwards"], 1)}
+
+
 def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple[list[float], list[dict]]:
     components = [reward_components(text, problem) for text in texts]
     return [combined_reward(c, config.reward_weights) for c in components], components
@@ -123,6 +132,7 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             except DivergedError as error:
                 raise diverged("GRPO", step, str(error), "--grpo-lr") from None
             texts = [decode_completion(tokenizer, c) for c in completions]
+            decoding = decoding_stats(getattr(backend, "generation_stats", {}), sum(len(c) for c in completions))
             rewards, components = [], []
             for index, problem in enumerate(chosen):
                 group = slice(index * config.group_size, (index + 1) * config.group_size)
@@ -164,7 +174,7 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
                  "reward": float(np.mean(rewards)), **means,
                  "completion_tokens": float(np.mean(lengths)),
-                 "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds,
+                 "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds, **decoding,
                  "step_s": time.perf_counter() - began, "tokens_per_s": tokens_per_s, **processes(backend)})
             bar.set_postfix({"reward": f"{np.mean(rewards):.3f}", "correct": f"{means['reward_correctness']:.2f}",
                              "tokens/s": f"{tokens_per_s:.0f}"})

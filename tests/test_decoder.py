@@ -25,19 +25,26 @@ def with_lora(model):
     return get_peft_model(model, config).eval()
 
 
-def logits_along(forward, steps: int = 6, mask_override=None) -> list[torch.Tensor]:
-    """Prefill, then feed each row's greedy token `steps` times; the logits of every call."""
+def logits_along(make_forward, steps: int = 6, padding_override=None) -> list[torch.Tensor]:
+    """Prefill, then feed each row's greedy token `steps` times; the logits of every call.
+    `make_forward(padding)` builds the forward from each row's count of left padding."""
     ids, mask = (torch.from_numpy(a) for a in left_pad(PROMPTS, 0))
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    seen = mask if mask_override is None else mask_override(mask)
-    outputs = [forward(ids, seen, positions)]
+    padding = (mask == 0).sum(1)
+    forward = make_forward(padding if padding_override is None else padding_override(padding))
+    outputs = [forward(ids)]
+    forward.commit()
     for _ in range(steps):
-        token = outputs[-1].argmax(-1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        seen = mask if mask_override is None else mask_override(mask)
-        positions = positions[:, -1:] + 1
-        outputs.append(forward(token[:, None], seen, positions))
+        outputs.append(forward(outputs[-1].argmax(-1)[:, None]))
+        forward.commit()
     return outputs
+
+
+def lean(model, capacity: int = 13):
+    return lambda padding: LeanDecoder(model, padding, capacity)
+
+
+def plain(model):
+    return lambda padding: TransformersForward(model, padding, 0)
 
 
 @ARCHITECTURES
@@ -45,26 +52,56 @@ def logits_along(forward, steps: int = 6, mask_override=None) -> list[torch.Tens
 def test_logits_match_transformers_through_prefill_and_decoding(model_dir, request):
     model = load(request.getfixturevalue(model_dir))
     assert supports(model)
-    capacity = 7 + 6
-    lean = logits_along(LeanDecoder(model, len(PROMPTS), capacity))
-    reference = logits_along(TransformersForward(model))
-    for ours, theirs in zip(lean, reference):
+    reference = logits_along(plain(model))
+    for ours, theirs in zip(logits_along(lean(model)), reference):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     # attending to the padding moves the padded rows' logits: the comparison can tell
-    broken = logits_along(LeanDecoder(model, len(PROMPTS), capacity), mask_override=torch.ones_like)
+    broken = logits_along(lean(model), padding_override=torch.zeros_like)
     assert (broken[0][1] - reference[0][1]).abs().max() > 1e-3
+
+
+@ARCHITECTURES
+@torch.no_grad()
+def test_rows_keeping_different_numbers_of_tokens_decode_each_as_alone(model_dir, request):
+    """Speculative decoding runs a few tokens per row and keeps a different number of them per row:
+    each row's logits then equal those of the row decoded alone, one token at a time."""
+    model = load(request.getfixturevalue(model_dir))
+    ids, mask = (torch.from_numpy(a) for a in left_pad(PROMPTS, 0))
+    decoder = LeanDecoder(model, (mask == 0).sum(1), 7 + 8)
+    decoder(ids)
+    decoder.commit()
+    block = torch.tensor([[20, 21, 22], [23, 24, 25], [26, 27, 28]])
+    kept = torch.tensor([1, 3, 2])
+    block_logits = decoder(block, every_position=True)
+    decoder.commit(kept)
+    following = torch.tensor([[30], [31], [32]])
+    next_logits = decoder(following)
+    for row, prompt in enumerate(PROMPTS):
+        alone = TransformersForward(model, torch.zeros(1, dtype=torch.long), 0)
+        alone(torch.tensor([prompt]))
+        for column in range(int(kept[row])):
+            torch.testing.assert_close(alone(block[row:row + 1, column:column + 1])[0], block_logits[row, column],
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone(following[row:row + 1])[0], next_logits[row], atol=1e-5, rtol=1e-5)
+    # keeping all three tokens of every row instead reads the rejected ones: the comparison can tell
+    wrong = LeanDecoder(model, (mask == 0).sum(1), 7 + 8)
+    wrong(ids)
+    wrong.commit()
+    wrong(block, every_position=True)
+    wrong.commit()
+    assert (wrong(following)[0] - next_logits[0]).abs().max() > 1e-3
 
 
 @ARCHITECTURES
 @torch.no_grad()
 def test_active_lora_adapters_are_merged_and_disabled_ones_are_not(model_dir, request):
     model = with_lora(load(request.getfixturevalue(model_dir)))
-    reference = logits_along(TransformersForward(model))
-    for ours, theirs in zip(logits_along(LeanDecoder(model, len(PROMPTS), 13)), reference):
+    reference = logits_along(plain(model))
+    for ours, theirs in zip(logits_along(lean(model)), reference):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
-        base = logits_along(TransformersForward(model))
-        for ours, theirs in zip(logits_along(LeanDecoder(model, len(PROMPTS), 13)), base):
+        base = logits_along(plain(model))
+        for ours, theirs in zip(logits_along(lean(model)), base):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert (base[0] - reference[0]).abs().max() > 1e-2  # the adapters matter, so the merge was tested
 

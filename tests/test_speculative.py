@@ -1,0 +1,132 @@
+"""Speculative decoding with n-gram drafts: the drafter, the learnt draft length, and rollouts that are
+token-for-token the plain decoder's (greedy and sampled), whose sampled tokens follow the policy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shared.data import Problem
+from shared.drafts import DraftLength, NgramDrafter, accepted_drafts
+from shared.prompts import prompt_ids, load_tokenizer
+from reasoning_torch.generate import generate
+
+PROBLEMS = [Problem((23, 15, 8)), Problem((1, 2, 3)), Problem((99, 98, 97)), Problem((5, 40, 61))]
+
+
+def test_a_row_keeps_its_drafts_up_to_the_first_that_differs_from_the_sample():
+    samples = np.array([[7, 8, 9, 1], [7, 5, 9, 1], [3, 8, 9, 1]])
+    drafts = np.array([[7, 8, 9], [7, 8, 9], [7, -1, -1]])
+    assert accepted_drafts(samples, drafts).tolist() == [3, 1, 0]
+    assert accepted_drafts(samples[:, :1], drafts[:, :0]).tolist() == [0, 0, 0]
+
+
+def test_drafts_come_from_the_row_then_its_group_then_earlier_completions():
+    drafter = NgramDrafter(longest=3, shortest=2)
+    drafter.finish([[1, 2, 3, 4, 5, 6]])  # an earlier call's completion
+    drafter.start([[9, 9, 1, 2], [8, 8], [8, 8]], np.array([0, 1, 1]))
+    assert drafter.draft(0, 3) == [3, 4, 5]  # "1 2" was followed by "3 4 5" in an earlier completion
+    drafter.extend(0, [7, 1, 2])
+    assert drafter.draft(0, 3) == [7, 1, 2]  # its own "1 2" (most recent, and its own) comes first
+    drafter.extend(1, [4, 4, 5])
+    drafter.draft(1, 1)  # a row is indexed when it drafts
+    drafter.extend(2, [4, 4])
+    assert drafter.draft(2, 2) == [5]  # "4 4" from its group's other row; nothing after that yet
+    assert drafter.draft(2, 0) == []
+
+
+def test_draft_length_climbs_while_it_pays_and_turns_drafting_off_where_it_loses():
+    slow_drafts = DraftLength(lengths=(0, 2, 4, 8), explore=1000)
+    chosen = []
+    for _ in range(6):
+        length = slow_drafts.choose()
+        chosen.append(length)
+        slow_drafts.record(length, 100, 1.0 + length)  # every drafted token costs time
+    assert chosen == [0, 2, 0, 0, 0, 0]
+    fast_drafts = DraftLength(lengths=(0, 2, 4, 8), explore=1000)
+    chosen = []
+    for _ in range(6):
+        length = fast_drafts.choose()
+        chosen.append(length)
+        fast_drafts.record(length, 100 + 10 * length, 1.0)
+    assert chosen == [0, 2, 4, 8, 8, 8]
+
+
+def loaded(folder):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_tokenizer(folder)
+
+
+def stop_and_pad(tokenizer):
+    from shared.prompts import stop_token_ids
+    return stop_token_ids(tokenizer), tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_rollouts_are_the_plain_decoders_token_for_token(tiny_model_dir, temperature):
+    model, tokenizer = loaded(tiny_model_dir)
+    stops, pad = stop_and_pad(tokenizer)
+    prompts = [prompt_ids(tokenizer, p) for p in PROBLEMS for _ in range(4)]
+    plain = generate(model, prompts, 60, temperature, stops, pad, torch.Generator().manual_seed(3))
+    drafter, stats = NgramDrafter(draft_lengths=(4,)), {}
+    for call in range(2):  # the second call also drafts from the first call's completions
+        drafted = generate(model, prompts, 60, temperature, stops, pad, torch.Generator().manual_seed(3),
+                           drafter=drafter, stats=stats)
+        assert drafted == plain
+    assert stats["accepted"] > 0 and stats["forwards"] < max(len(c) for c in plain)  # drafts were kept
+
+
+class FixedDraft(NgramDrafter):
+    """Always drafts the same token: the verification decides alone what is sampled."""
+
+    def __init__(self, token: int):
+        super().__init__(draft_lengths=(1,))
+        self.token = token
+
+    def draft(self, row: int, count: int) -> list[int]:
+        return [self.token][:count]
+
+
+def chi_square(counts: np.ndarray, probabilities: np.ndarray) -> tuple[float, int]:
+    """(statistic, degrees of freedom) of counts against probabilities, bins expecting < 5 pooled."""
+    expected = probabilities * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+@torch.no_grad()
+def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, monkeypatch):
+    """The second token of 8,000 rollouts, its first position verified against a fixed draft, against the
+    model's exact marginal p(t2) = sum_t1 p(t1) p(t2 | t1); a rule that keeps drafts it should not fails."""
+    model, tokenizer = loaded(tiny_model_dir)
+    temperature, prompt = 0.2, prompt_ids(tokenizer, PROBLEMS[0])  # the draft then has p ~ 0.5
+    first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+    vocabulary = len(first)
+    following = torch.cat([torch.tensor([prompt] * vocabulary), torch.arange(vocabulary)[:, None]], 1)
+    second = torch.softmax(model(following).logits[:, -1] / temperature, -1)
+    marginal = (first[:, None] * second).sum(0).double().numpy()
+    draft = int(np.argmax(marginal))
+
+    def second_tokens() -> tuple[np.ndarray, dict]:
+        counts, stats = np.zeros(vocabulary, dtype=np.int64), {"drafted": 0, "accepted": 0}
+        for seed in range(4):
+            call = {}
+            rows = generate(model, [prompt] * 2000, 3, temperature, set(), tokenizer.pad_token_id,
+                            torch.Generator().manual_seed(seed), drafter=FixedDraft(draft), stats=call)
+            counts += np.bincount([row[1] for row in rows], minlength=vocabulary)
+            stats = {name: stats[name] + call[name] for name in stats}
+        return counts, stats
+
+    counts, stats = second_tokens()
+    assert 2000 < stats["accepted"] < 6000 and stats["drafted"] == 8000  # drafts both kept and rejected, often
+    statistic, freedom = chi_square(counts, marginal)
+    assert statistic < freedom + 6 * math.sqrt(2 * freedom)
+    monkeypatch.setattr("reasoning_torch.generate.accepted_drafts",
+                        lambda samples, drafts: np.full(len(samples), drafts.shape[1]))  # keeps every draft
+    wrong, _ = second_tokens()
+    statistic, freedom = chi_square(wrong, marginal)
+    assert statistic > freedom + 6 * math.sqrt(2 * freedom)
