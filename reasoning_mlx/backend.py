@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
+from shared.drafts import NgramDrafter
 from shared.grpo import policy_drift
 from shared.padding import TokenBatch, prefix_blocks
 from shared.prompts import stop_token_ids
@@ -26,8 +27,10 @@ from reasoning_mlx.optimizer import load_optimizer_state, make_optimizer, save_o
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, micro_batch_size: int = 64, shared_prefix: bool = True):
+    def __init__(self, micro_batch_size: int = 64, shared_prefix: bool = True, speculative: bool = True):
         self.micro_batch_size = micro_batch_size
+        self.drafter = NgramDrafter() if speculative else None  # remembers completions across calls
+        self.generation_stats: dict = {}
         self.shared_prefix = shared_prefix  # False: every row carries its prompt (the reference the tests compare to)
         self.rank, self.world_size = join_group()
         self.loaded: LoadedModel | None = None
@@ -61,7 +64,7 @@ class MLXBackend:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  seed: int | None = None) -> list[list[int]]:
         return generate(self.model, prompts, max_new_tokens, temperature, stop_token_ids(self.tokenizer),
-                        self.tokenizer.pad_token_id, seed)
+                        self.tokenizer.pad_token_id, seed, self.drafter, self.generation_stats)
 
     def completion_logprobs(self, batch: TokenBatch, temperature: float = 1.0,
                             reference: bool = False) -> np.ndarray:

@@ -1,54 +1,67 @@
-"""Batched sampling with mlx-lm's batch KV cache: left-padded prompts, positions from each row's start."""
+"""Batched sampling with mlx-lm's batch KV cache: left-padded prompts, positions from each row's start,
+and speculative decoding from n-gram drafts (shared/drafts.py)."""
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from shared.drafts import NgramDrafter, decode
 from shared.errors import SAMPLING_NOT_FINITE, DivergedError
 from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_mlx.batching import leading_padding
 
 
-def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-             stop_ids: set[int], pad_id: int, seed: int | None) -> list[list[int]]:
-    """One completion per prompt; temperature 0 is greedy. Rows stop at their first stop token.
+def sample(logits: mx.array, temperature: float, uniforms: mx.array) -> mx.array:
+    """A token per row of logits (..., V): the argmax at temperature 0, else the inverse CDF at `uniforms` (...)."""
+    if temperature <= 0:
+        return mx.argmax(logits, axis=-1)
+    cumulative = mx.cumsum(mx.softmax(logits.astype(mx.float32) / temperature, axis=-1), axis=-1)
+    if not mx.isfinite(cumulative[..., -1]).all().item():  # only diverged weights give NaN/inf
+        raise DivergedError(SAMPLING_NOT_FINITE)
+    draw = (uniforms * cumulative[..., -1])[..., None]
+    return mx.minimum((cumulative <= draw).sum(-1), logits.shape[-1] - 1)
 
-    Written out rather than mlx-lm's batch_generate, which drops the stop token: the policy must
-    see it to learn to stop.
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+             stop_ids: set[int], pad_id: int, seed: int | None, drafter: NgramDrafter | None = None,
+             stats: dict | None = None) -> list[list[int]]:
+    """One completion per prompt; temperature 0 is greedy. Rows stop at their first stop token (kept:
+    the policy must see it to learn to stop, which mlx-lm's batch_generate drops).
+
+    Each position of a row is drawn with its own uniform number, so with a `drafter` (speculative
+    decoding) the output is token-for-token the plain decoder's. A row that keeps fewer of the
+    tokens a forward ran has the rest rolled off the end of its cache into its left padding.
     """
     distinct, prompt_of_row = distinct_prompts(prompts)
     ids, mask = left_pad(distinct, pad_id)
     cache = [BatchKVCache(leading_padding(mask).tolist()) for _ in model.layers]
     key = mx.random.key(seed if seed is not None else int(np.random.randint(2**31)))
-    stops = np.array(sorted(stop_ids))
+    uniforms = mx.random.uniform(shape=(len(prompts), max_new_tokens), key=key)
     logits = model(mx.array(ids), cache=cache)[:, -1]
     if len(distinct) < len(prompts):  # each distinct prompt was prefilled once: one row per sample from here
         keep(cache, prompt_of_row)
         logits = logits[mx.array(prompt_of_row)]
-    output = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)
-    active = np.arange(len(prompts))  # the rows still sampling, as the cache holds them
-    finished = np.zeros(len(prompts), dtype=bool)
-    for step in range(max_new_tokens):
-        if temperature > 0:
-            key, subkey = mx.random.split(key)
-            scaled = logits.astype(mx.float32) / temperature
-            token = mx.random.categorical(scaled, key=subkey)
-            if not mx.isfinite(mx.logsumexp(scaled, axis=-1)).all().item():  # only diverged weights give NaN/inf
-                raise DivergedError(SAMPLING_NOT_FINITE)
-        else:
-            token = mx.argmax(logits, axis=-1)
-        token = np.where(finished, pad_id, np.array(token))
-        output[active, step] = token
-        finished |= np.isin(token, stops)
-        if finished.all():
-            break
-        if finished.sum() * 4 >= len(active):  # finished rows cost as much as live ones: drop them at a quarter
-            rows = np.flatnonzero(~finished)
-            keep(cache, rows)
-            active, token, finished = active[rows], token[rows], finished[rows]
-        logits = model(mx.array(token)[:, None], cache=cache)[:, -1]
-    return [trim_completion(row, stop_ids) for row in output.tolist()]
+    if drafter is not None:
+        drafter.start(prompts, prompt_of_row)
+    width = [0]
+
+    def run(ids: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        width[0] = ids.shape[1]
+        logits = model(mx.array(ids), cache=cache)
+        return np.array(sample(logits, temperature, uniforms[mx.array(rows)[:, None], mx.array(positions)]))
+
+    def commit(counts: np.ndarray) -> None:
+        unused = width[0] - counts
+        if unused.any():
+            for layer in cache:
+                layer.prepare(right_padding=unused.tolist())
+                layer.finalize()
+
+    first = np.array(sample(logits, temperature, uniforms[:, 0]))
+    rows = decode(first, run, commit, lambda rows: keep(cache, rows), max_new_tokens, stop_ids, pad_id, drafter,
+                  stats)
+    return [trim_completion(row, stop_ids) for row in rows]
 
 
 def keep(cache: list[BatchKVCache], rows: np.ndarray) -> None:

@@ -2,13 +2,11 @@
 decoding from n-gram drafts (shared/drafts.py) where the lean decoder runs the model."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from shared.drafts import DRAFT_LENGTHS, NO_DRAFT, NgramDrafter, accepted_drafts
+from shared.drafts import DRAFT_LENGTHS, NgramDrafter, decode
 from shared.errors import SAMPLING_NOT_FINITE, DivergedError
 from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_torch.decoder import LeanDecoder, supports
@@ -88,67 +86,18 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         logits = logits[torch.from_numpy(prompt_of_row).to(device)]
     if drafter is not None:
         drafter.start(prompts, prompt_of_row)
-        draft_length = drafter.length_for((len(prompts), max_new_tokens, temperature > 0))
-        length = draft_length.choose()
-    began, length = time.perf_counter(), length if drafter is not None else 0
-    stops = np.array(sorted(stop_ids))
-    output = np.full((len(prompts), max_new_tokens), pad_id, dtype=np.int64)
-    written = np.zeros(len(prompts), dtype=np.int64)  # tokens in each row's output so far
-    active = np.arange(len(prompts))  # the rows the forward holds
-    done = np.zeros(len(prompts), dtype=bool)  # of those, the finished ones (fed padding until dropped)
-    counts = {"forwards": 0, "row_forwards": 0, "drafted": 0, "accepted": 0}
 
-    def append(rows: np.ndarray, tokens: list) -> None:
-        for row, row_tokens in zip(rows, tokens):
-            output[row, written[row]:written[row] + len(row_tokens)] = row_tokens
-            written[row] += len(row_tokens)
-            if drafter is not None:
-                drafter.extend(row, list(row_tokens))
-
-    pending = sample(logits, temperature, uniforms[:, 0]).cpu().numpy()  # drawn, not yet run through the model
-    while True:
-        append(active[~done], pending[~done, None])
-        done |= np.isin(pending, stops) | (written[active] >= max_new_tokens)
-        if done.all():
-            break
-        if done.sum() * 4 >= len(active):  # finished rows cost as much as live ones: drop them at a quarter
-            keep = np.flatnonzero(~done)
-            forward.keep(torch.from_numpy(keep).to(device))
-            active, pending, done = active[keep], pending[keep], done[keep]
-        room = np.where(done, 0, max_new_tokens - written[active] - 1)
-        drafts = draft_tokens(drafter, active, length, room, set(stop_ids))
-        fed = np.concatenate([np.where(done, pad_id, pending)[:, None], np.where(drafts == NO_DRAFT, pad_id, drafts)],
-                             axis=1)
-        logits = forward(torch.from_numpy(fed).to(device), every_position=True)
-        positions = np.minimum(written[active][:, None] + np.arange(fed.shape[1]), max_new_tokens - 1)
-        drawn = sample(logits, temperature, uniforms[torch.from_numpy(active)[:, None],
+    def run(ids: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        logits = forward(torch.from_numpy(ids).to(device), every_position=True)
+        return sample(logits, temperature, uniforms[torch.from_numpy(rows)[:, None],
                                                      torch.from_numpy(positions)]).cpu().numpy()
-        kept = accepted_drafts(drawn, drafts)
-        forward.commit(torch.from_numpy(kept + 1).to(device))  # the pending token and the accepted drafts
-        append(active[~done], [d[:k] for d, k in zip(drafts[~done], kept[~done])])
-        live, accepted = int((~done).sum()), int(kept.sum())
-        pending = drawn[np.arange(len(active)), kept]
-        done |= np.array([k > 0 and d[k - 1] in stop_ids for d, k in zip(drafts, kept)], dtype=bool)
-        for name, count in (("forwards", 1), ("row_forwards", live), ("drafted", int((drafts != NO_DRAFT).sum())),
-                            ("accepted", accepted)):
-            counts[name] += count
-    completions = [trim_completion(row[:count], stop_ids) for row, count in zip(output.tolist(), written)]
-    if drafter is not None:
-        drafter.finish(completions)
-        draft_length.record(length, sum(map(len, completions)), time.perf_counter() - began)
-    if stats is not None:
-        stats.update(counts)
-    return completions
 
+    def commit(counts: np.ndarray) -> None:
+        forward.commit(torch.from_numpy(counts).to(device))
 
-def draft_tokens(drafter: NgramDrafter | None, rows: np.ndarray, length: int, room: np.ndarray,
-                 stops: set[int]) -> np.ndarray:
-    """(rows, longest draft) of drafted tokens, NO_DRAFT after a row's end: at most `length` per row,
-    no more than its `room`, none after a stop token."""
-    drafts = [drafter.draft(row, min(length, int(space))) if length and space > 0 else []
-              for row, space in zip(rows, room)]
-    drafts = [next((d[:i + 1] for i, token in enumerate(d) if token in stops), d) for d in drafts]
-    table = np.full((len(rows), max((len(d) for d in drafts), default=0)), NO_DRAFT, dtype=np.int64)
-    for index, draft in enumerate(drafts):
-        table[index, :len(draft)] = draft
-    return table
+    def keep(rows: np.ndarray) -> None:
+        forward.keep(torch.from_numpy(rows).to(device))
+
+    first = sample(logits, temperature, uniforms[:, 0]).cpu().numpy()
+    rows = decode(first, run, commit, keep, max_new_tokens, stop_ids, pad_id, drafter, stats)
+    return [trim_completion(row, stop_ids) for row in rows]

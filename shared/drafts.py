@@ -15,7 +15,9 @@ the output token-for-token the plain decoder's, greedy or sampled, whatever was 
 """
 from __future__ import annotations
 
+import time
 from collections import deque
+from typing import Callable
 
 import numpy as np
 
@@ -131,3 +133,79 @@ class NgramDrafter:
     def finish(self, completions: list[list[int]]) -> None:
         """Remember this call's completions for the next calls."""
         self.history.extend(list(c) for c in completions if c)
+
+
+def decode(first: np.ndarray, run: Callable, commit: Callable, keep: Callable, max_new_tokens: int,
+           stop_ids: set[int], pad_id: int, drafter: NgramDrafter | None = None, stats: dict | None = None
+           ) -> list[list[int]]:
+    """The decoding loop both backends share, with speculative decoding when given a `drafter`.
+
+    `first` (rows,) are the tokens drawn after each row's prompt. The backend's model is reached
+    through three calls: run(ids (B, T), positions (B, T), rows (B,)) runs the ids after each of
+    `rows`' tokens so far and returns (B, T) tokens drawn after each, the one at output position p
+    of a row with that position's own random number (so a drafted token is kept exactly when it is
+    what plain decoding draws there); commit(counts (B,)) keeps that many of the ids each row ran;
+    keep(indices) goes on with those rows of the batch only. `stats` receives the counts of forwards,
+    of rows run in them, of drafted and of accepted tokens.
+    """
+    output = np.full((len(first), max_new_tokens), pad_id, dtype=np.int64)
+    written = np.zeros(len(first), dtype=np.int64)  # tokens in each row's output so far
+    active = np.arange(len(first))  # the rows the model holds
+    done = np.zeros(len(first), dtype=bool)  # of those, the finished ones (fed padding until dropped)
+    stops = np.array(sorted(stop_ids), dtype=np.int64)
+    counts = {"forwards": 0, "row_forwards": 0, "drafted": 0, "accepted": 0}
+    lengths = drafter.length_for((len(first), max_new_tokens)) if drafter is not None else None
+    length, began = lengths.choose() if lengths else 0, time.perf_counter()
+
+    def append(rows: np.ndarray, tokens: list) -> None:
+        for row, row_tokens in zip(rows, tokens):
+            output[row, written[row]:written[row] + len(row_tokens)] = row_tokens
+            written[row] += len(row_tokens)
+            if drafter is not None:
+                drafter.extend(row, list(row_tokens))
+
+    pending = np.asarray(first)  # drawn, not yet run through the model
+    while True:
+        append(active[~done], pending[~done, None])
+        done |= np.isin(pending, stops) | (written[active] >= max_new_tokens)
+        if done.all():
+            break
+        if done.sum() * 4 >= len(active):  # finished rows cost as much as live ones: drop them at a quarter
+            kept_rows = np.flatnonzero(~done)
+            keep(kept_rows)
+            active, pending, done = active[kept_rows], pending[kept_rows], done[kept_rows]
+        room = np.where(done, 0, max_new_tokens - written[active] - 1)  # a kept draft adds one more token
+        drafts = draft_table(drafter, active, length, room, stop_ids)
+        fed = np.concatenate([np.where(done, pad_id, pending)[:, None], np.where(drafts == NO_DRAFT, pad_id, drafts)],
+                             axis=1)
+        positions = np.minimum(written[active][:, None] + np.arange(fed.shape[1]), max_new_tokens - 1)
+        drawn = run(fed, positions, active)
+        kept = accepted_drafts(drawn, drafts)
+        commit(kept + 1)  # the pending token and the accepted drafts
+        append(active[~done], [d[:k] for d, k in zip(drafts[~done], kept[~done])])
+        live, accepted = int((~done).sum()), int(kept.sum())
+        pending = drawn[np.arange(len(active)), kept]
+        done |= np.array([k > 0 and d[k - 1] in stop_ids for d, k in zip(drafts, kept)], dtype=bool)
+        for name, count in (("forwards", 1), ("row_forwards", live), ("drafted", int((drafts != NO_DRAFT).sum())),
+                            ("accepted", accepted)):
+            counts[name] += count
+    completions = [row[:count] for row, count in zip(output.tolist(), written)]
+    if drafter is not None:
+        drafter.finish(completions)
+        lengths.record(length, int(written.sum()), time.perf_counter() - began)
+    if stats is not None:
+        stats.update(counts)
+    return completions
+
+
+def draft_table(drafter: NgramDrafter | None, rows: np.ndarray, length: int, room: np.ndarray,
+                stops: set[int]) -> np.ndarray:
+    """(rows, longest draft) of drafted tokens, NO_DRAFT after a row's end: at most `length` per row,
+    no more than its `room`, none after a stop token."""
+    drafts = [drafter.draft(row, min(length, int(space))) if length and space > 0 else []
+              for row, space in zip(rows, room)]
+    drafts = [next((d[:i + 1] for i, token in enumerate(d) if token in stops), d) for d in drafts]
+    table = np.full((len(rows), max((len(d) for d in drafts), default=0)), NO_DRAFT, dtype=np.int64)
+    for index, draft in enumerate(drafts):
+        table[index, :len(draft)] = draft
+    return table

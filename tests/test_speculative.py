@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from shared.data import Problem
 from shared.drafts import DraftLength, NgramDrafter, accepted_drafts
-from shared.prompts import prompt_ids, load_tokenizer
-from reasoning_torch.generate import generate
+from shared.prompts import load_tokenizer, prompt_ids, stop_token_ids
+from reasoning_mlx.generate import generate as mlx_generate
+from reasoning_torch.generate import generate as torch_generate
 
 PROBLEMS = [Problem((23, 15, 8)), Problem((1, 2, 3)), Problem((99, 98, 97)), Problem((5, 40, 61))]
 
@@ -53,27 +54,33 @@ def test_draft_length_climbs_while_it_pays_and_turns_drafting_off_where_it_loses
     assert chosen == [0, 2, 4, 8, 8, 8]
 
 
-def loaded(folder):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_tokenizer(folder)
+def decoder(backend: str, folder):
+    """(sample(prompts, max_new_tokens, temperature, stop_ids, seed, drafter, stats), tokenizer) on a backend."""
+    tokenizer = load_tokenizer(folder)
+    if backend == "torch":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return (lambda prompts, new, temperature, stops, seed, drafter=None, stats=None: torch_generate(
+            model, prompts, new, temperature, stops, tokenizer.pad_token_id, torch.Generator().manual_seed(seed),
+            drafter=drafter, stats=stats)), tokenizer
+    from mlx_lm import load
+    model, _ = load(str(folder))
+    return (lambda prompts, new, temperature, stops, seed, drafter=None, stats=None: mlx_generate(
+        model, prompts, new, temperature, stops, tokenizer.pad_token_id, seed, drafter, stats)), tokenizer
 
 
-def stop_and_pad(tokenizer):
-    from shared.prompts import stop_token_ids
-    return stop_token_ids(tokenizer), tokenizer.pad_token_id
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "mlx"])
 
 
+@BACKENDS
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_speculative_rollouts_are_the_plain_decoders_token_for_token(tiny_model_dir, temperature):
-    model, tokenizer = loaded(tiny_model_dir)
-    stops, pad = stop_and_pad(tokenizer)
+def test_speculative_rollouts_are_the_plain_decoders_token_for_token(tiny_model_dir, backend, temperature):
+    sample, tokenizer = decoder(backend, tiny_model_dir)
+    stops = stop_token_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, p) for p in PROBLEMS for _ in range(4)]
-    plain = generate(model, prompts, 60, temperature, stops, pad, torch.Generator().manual_seed(3))
+    plain = sample(prompts, 60, temperature, stops, 3)
     drafter, stats = NgramDrafter(draft_lengths=(4,)), {}
     for call in range(2):  # the second call also drafts from the first call's completions
-        drafted = generate(model, prompts, 60, temperature, stops, pad, torch.Generator().manual_seed(3),
-                           drafter=drafter, stats=stats)
-        assert drafted == plain
+        assert sample(prompts, 60, temperature, stops, 3, drafter, stats) == plain
     assert stats["accepted"] > 0 and stats["forwards"] < max(len(c) for c in plain)  # drafts were kept
 
 
@@ -98,11 +105,13 @@ def chi_square(counts: np.ndarray, probabilities: np.ndarray) -> tuple[float, in
     return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
 
 
+@BACKENDS
 @torch.no_grad()
-def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, monkeypatch):
+def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, monkeypatch, backend):
     """The second token of 8,000 rollouts, its first position verified against a fixed draft, against the
     model's exact marginal p(t2) = sum_t1 p(t1) p(t2 | t1); a rule that keeps drafts it should not fails."""
-    model, tokenizer = loaded(tiny_model_dir)
+    sample, tokenizer = decoder(backend, tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     temperature, prompt = 0.2, prompt_ids(tokenizer, PROBLEMS[0])  # the draft then has p ~ 0.5
     first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
     vocabulary = len(first)
@@ -115,8 +124,7 @@ def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, mon
         counts, stats = np.zeros(vocabulary, dtype=np.int64), {"drafted": 0, "accepted": 0}
         for seed in range(4):
             call = {}
-            rows = generate(model, [prompt] * 2000, 3, temperature, set(), tokenizer.pad_token_id,
-                            torch.Generator().manual_seed(seed), drafter=FixedDraft(draft), stats=call)
+            rows = sample([prompt] * 2000, 3, temperature, set(), seed, FixedDraft(draft), call)
             counts += np.bincount([row[1] for row in rows], minlength=vocabulary)
             stats = {name: stats[name] + call[name] for name in stats}
         return counts, stats
@@ -125,7 +133,7 @@ def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, mon
     assert 2000 < stats["accepted"] < 6000 and stats["drafted"] == 8000  # drafts both kept and rejected, often
     statistic, freedom = chi_square(counts, marginal)
     assert statistic < freedom + 6 * math.sqrt(2 * freedom)
-    monkeypatch.setattr("reasoning_torch.generate.accepted_drafts",
+    monkeypatch.setattr("shared.drafts.accepted_drafts",
                         lambda samples, drafts: np.full(len(samples), drafts.shape[1]))  # keeps every draft
     wrong, _ = second_tokens()
     statistic, freedom = chi_square(wrong, marginal)
