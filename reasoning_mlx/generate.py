@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from shared.drafts import NgramDrafter, decode
+from shared.drafts import NgramDrafter, decode, position_uniforms
 from shared.errors import SAMPLING_NOT_FINITE, DivergedError
 from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_mlx.batching import leading_padding
@@ -29,15 +29,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     """One completion per prompt; temperature 0 is greedy. Rows stop at their first stop token (kept:
     the policy must see it to learn to stop, which mlx-lm's batch_generate drops).
 
-    Each position of a row is drawn with its own uniform number, so with a `drafter` (speculative
-    decoding) the output is token-for-token the plain decoder's. A row that keeps fewer of the
+    Each position of a row is drawn with its own uniform number (seeded, the same numbers on PyTorch),
+    so with a `drafter` (speculative decoding) the output is token-for-token the plain decoder's. A row that keeps fewer of the
     tokens a forward ran has the rest rolled off the end of its cache into its left padding.
     """
     distinct, prompt_of_row = distinct_prompts(prompts)
     ids, mask = left_pad(distinct, pad_id)
     cache = [BatchKVCache(leading_padding(mask).tolist()) for _ in model.layers]
-    key = mx.random.key(seed if seed is not None else int(np.random.randint(2**31)))
-    uniforms = mx.random.uniform(shape=(len(prompts), max_new_tokens), key=key)
+    uniforms = mx.array(position_uniforms(len(prompts), max_new_tokens, seed))
     logits = model(mx.array(ids), cache=cache)[:, -1]
     if len(distinct) < len(prompts):  # each distinct prompt was prefilled once: one row per sample from here
         keep(cache, prompt_of_row)

@@ -70,12 +70,11 @@ class TorchBackend:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  seed: int | None = None) -> list[list[int]]:
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
             rows = generate(self.model, prompts, max_new_tokens, temperature, stop_token_ids(self.tokenizer),
-                            self.tokenizer.pad_token_id, generator, drafter=self.drafter,
+                            self.tokenizer.pad_token_id, seed, drafter=self.drafter,
                             stats=self.generation_stats)
         self.model.train(was_training)
         return rows

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from shared.drafts import DRAFT_LENGTHS, NgramDrafter, decode
+from shared.drafts import DRAFT_LENGTHS, NgramDrafter, decode, position_uniforms
 from shared.errors import SAMPLING_NOT_FINITE, DivergedError
 from shared.padding import distinct_prompts, left_pad, trim_completion
 from reasoning_torch.decoder import LeanDecoder, supports
@@ -64,19 +64,20 @@ def sample(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-             stop_ids: set[int], pad_id: int, generator: torch.Generator | None, lean: bool = True,
+             stop_ids: set[int], pad_id: int, seed: int | None, lean: bool = True,
              drafter: NgramDrafter | None = None, stats: dict | None = None) -> list[list[int]]:
     """One completion per prompt; temperature 0 is greedy. Rows stop at their first stop token.
 
-    The token at each position of a row is drawn with that position's own uniform number, so that
-    with a `drafter` (speculative decoding; the lean decoder only) the output is token-for-token the
-    plain decoder's: a drafted token is kept exactly when it is what the plain decoder draws there.
+    The token at each position of a row is drawn with that position's own uniform number (seeded, the
+    same numbers on MLX), so that with a `drafter` (speculative decoding; the lean decoder only) the
+    output is token-for-token the plain decoder's: a drafted token is kept exactly when it is what the
+    plain decoder draws there.
     `stats` receives the counts of forwards, of rows run in them, of drafted and of accepted tokens.
     """
     device = next(model.parameters()).device
     distinct, prompt_of_row = distinct_prompts(prompts)
     ids, mask = (torch.from_numpy(a).to(device) for a in left_pad(distinct, pad_id))
-    uniforms = torch.rand(len(prompts), max_new_tokens, generator=generator, device=device)
+    uniforms = torch.from_numpy(position_uniforms(len(prompts), max_new_tokens, seed)).to(device)
     forward = model_forward(model, (mask == 0).sum(1), ids.shape[1] + max_new_tokens + max(DRAFT_LENGTHS), lean)
     drafter = drafter if forward.parallel else None
     logits = forward(ids)

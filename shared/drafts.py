@@ -135,6 +135,13 @@ class NgramDrafter:
         self.history.extend(list(c) for c in completions if c)
 
 
+def position_uniforms(rows: int, max_new_tokens: int, seed: int | None) -> np.ndarray:
+    """(rows, max_new_tokens) uniform numbers, one per output position of each row: both backends draw
+    the token at a position with its number, so given the same weights and seed they sample the same
+    tokens, with or without drafts."""
+    return np.random.default_rng(seed).random((rows, max_new_tokens), dtype=np.float32)
+
+
 def decode(first: np.ndarray, run: Callable, commit: Callable, keep: Callable, max_new_tokens: int,
            stop_ids: set[int], pad_id: int, drafter: NgramDrafter | None = None, stats: dict | None = None
            ) -> list[list[int]]:

@@ -60,7 +60,7 @@ def decoder(backend: str, folder):
     if backend == "torch":
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         return (lambda prompts, new, temperature, stops, seed, drafter=None, stats=None: torch_generate(
-            model, prompts, new, temperature, stops, tokenizer.pad_token_id, torch.Generator().manual_seed(seed),
+            model, prompts, new, temperature, stops, tokenizer.pad_token_id, seed,
             drafter=drafter, stats=stats)), tokenizer
     from mlx_lm import load
     model, _ = load(str(folder))
@@ -138,3 +138,15 @@ def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, mon
     wrong, _ = second_tokens()
     statistic, freedom = chi_square(wrong, marginal)
     assert statistic > freedom + 6 * math.sqrt(2 * freedom)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_both_backends_sample_the_same_tokens_from_the_same_seed(tiny_model_dir, temperature):
+    """The uniform number of each position comes from the seed alone, so PyTorch and MLX, given the same
+    weights, sample the same rollouts (and so train on the same ones)."""
+    (torch_sample, tokenizer), (mlx_sample, _) = decoder("torch", tiny_model_dir), decoder("mlx", tiny_model_dir)
+    prompts = [prompt_ids(tokenizer, p) for p in PROBLEMS for _ in range(4)]
+    stops = stop_token_ids(tokenizer)
+    rows = torch_sample(prompts, 40, temperature, stops, 5)
+    assert mlx_sample(prompts, 40, temperature, stops, 5) == rows
+    assert len({tuple(row) for row in rows}) > len(PROBLEMS) or temperature == 0  # the samples of a group differ
