@@ -41,6 +41,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     if len(distinct) < len(prompts):  # each distinct prompt was prefilled once: one row per sample from here
         keep(cache, prompt_of_row)
         logits = logits[mx.array(prompt_of_row)]
+    drafter = drafter if drafter is not None and len(prompts) <= drafter.most_rows else None
     if drafter is not None:
         drafter.start(prompts, prompt_of_row)
     width = [0]

@@ -79,7 +79,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     ids, mask = (torch.from_numpy(a).to(device) for a in left_pad(distinct, pad_id))
     uniforms = torch.from_numpy(position_uniforms(len(prompts), max_new_tokens, seed)).to(device)
     forward = model_forward(model, (mask == 0).sum(1), ids.shape[1] + max_new_tokens + max(DRAFT_LENGTHS), lean)
-    drafter = drafter if forward.parallel else None
+    drafter = drafter if forward.parallel and drafter is not None and len(prompts) <= drafter.most_rows else None
     logits = forward(ids)
     forward.commit()
     if len(distinct) < len(prompts):  # each distinct prompt was prefilled once: one row per sample from here

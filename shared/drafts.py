@@ -23,6 +23,9 @@ import numpy as np
 
 NO_DRAFT = -1
 DRAFT_LENGTHS = (0, 2, 4, 8)
+# Calls with more rows decode without drafts: on a 2-core CPU a batch of 32 or 128 rows keeps the cores
+# busy, checking 5 tokens per row costs about 3x one, and drafting lost 5 to 30 % there (README, Performance).
+MOST_ROWS = 8
 
 
 def accepted_drafts(samples: np.ndarray, drafts: np.ndarray) -> np.ndarray:
@@ -42,13 +45,17 @@ class NgramIndex:
         self.lengths = lengths
         self.ends: dict[tuple[int, ...], tuple[list[int], int]] = {}
 
-    def add(self, tokens: list[int], start: int = 0) -> None:
-        """Index the n-grams of `tokens` (a list that may grow later) ending at `start`.. and followed by
-        a token: a row's own last n tokens are not found as their own most recent occurrence."""
+    def add(self, tokens: list[int], start: int = 0, *others: "NgramIndex") -> None:
+        """Index (here and in `others`) the n-grams of `tokens` (a list that may grow later) ending at
+        `start`.. and followed by a token: a row's own last n tokens are not their own most recent
+        occurrence."""
+        tables = [self.ends, *(other.ends for other in others)]
         for end in range(max(start, 1), len(tokens)):
             for n in self.lengths:
                 if end >= n:
-                    self.ends[tuple(tokens[end - n:end])] = (tokens, end)
+                    key, found = tuple(tokens[end - n:end]), (tokens, end)
+                    for table in tables:
+                        table[key] = found
 
     def continuation(self, suffix: tuple[int, ...], count: int) -> list[int]:
         found = self.ends.get(suffix)
@@ -56,32 +63,48 @@ class NgramIndex:
 
 
 class DraftLength:
-    """How many tokens to draft per forward, learnt over the calls of one shape: each length's tokens
-    per second (averaged over its recent calls), climbing from plain decoding (0) to the next longer
-    length while that is faster; every `explore`-th call tries a neighbour of the best again. So
-    drafting turns itself off where it loses (on a CPU, large batches are matmul-bound and gain
-    little from verifying several tokens at once) at the cost of one call at the shortest length."""
+    """How many tokens to draft per forward, learnt while decoding. Steps use the best length found so
+    far (at first 0: plain decoding), except in windows of `window` steps that alternate between the
+    best and a neighbour; the neighbour becomes the best if its steps made more tokens per second
+    (neighbouring steps run about as many rows, so the comparison is fair). After a win the next
+    window starts at once, climbing on; after a loss it waits `every` windows and looks the other way.
+    So drafting turns itself off where it loses (on a CPU, large batches are matmul-bound and gain
+    little from verifying several tokens at once) at the cost of a few steps at a neighbour's length."""
 
-    def __init__(self, lengths: tuple[int, ...] = DRAFT_LENGTHS, explore: int = 16):
-        self.lengths, self.explore = lengths, explore
-        self.speed: dict[int, float] = {}
-        self.calls = 0
+    def __init__(self, lengths: tuple[int, ...] = DRAFT_LENGTHS, window: int = 16, every: int = 8):
+        self.lengths, self.window, self.every = lengths, window, every
+        self.best, self.direction, self.steps, self.window_start = 0, 1, 0, 0
+        self.measured: dict[int, list[float]] = {}  # in the current window: length -> [tokens, seconds]
+
+    def neighbour(self) -> int:
+        for index in (self.best + self.direction, self.best - self.direction):
+            if 0 <= index < len(self.lengths):
+                return index
+        return self.best
 
     def choose(self) -> int:
-        self.calls += 1
-        if not self.speed:
-            return self.lengths[0]
-        best = self.lengths.index(max(self.speed, key=self.speed.get))
-        if best + 1 < len(self.lengths) and self.lengths[best + 1] not in self.speed:
-            return self.lengths[best + 1]
-        if self.calls % self.explore == 0:
-            neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(self.lengths)]
-            return self.lengths[neighbours[self.calls // self.explore % len(neighbours)]]
-        return self.lengths[best]
+        offset = self.steps - self.window_start
+        self.steps += 1
+        in_window = 0 <= offset < self.window
+        return self.lengths[self.neighbour() if in_window and offset % 2 else self.best]
 
     def record(self, length: int, tokens: int, seconds: float) -> None:
-        speed = tokens / max(seconds, 1e-9)
-        self.speed[length] = speed if length not in self.speed else 0.5 * self.speed[length] + 0.5 * speed
+        """What the step just chosen made: `tokens` in `seconds`."""
+        if not 0 < self.steps - self.window_start <= self.window:
+            return
+        totals = self.measured.setdefault(length, [0.0, 0.0])
+        totals[0] += tokens
+        totals[1] += seconds
+        if self.steps - self.window_start == self.window:
+            speed = {k: t / max(s, 1e-9) for k, (t, s) in self.measured.items()}
+            challenger = self.neighbour()
+            won = speed.get(self.lengths[challenger], 0.0) > speed.get(self.lengths[self.best], float("inf"))
+            if won:
+                self.best, self.direction = challenger, challenger - self.best
+            else:
+                self.direction = -self.direction
+            self.window_start = self.steps + (0 if won else self.window * self.every)
+            self.measured = {}
 
 
 class NgramDrafter:
@@ -90,12 +113,13 @@ class NgramDrafter:
     so decoding that drafts nothing pays only for appending tokens."""
 
     def __init__(self, longest: int = 4, shortest: int = 2, remembered: int = 256,
-                 draft_lengths: tuple[int, ...] = DRAFT_LENGTHS):
+                 draft_lengths: tuple[int, ...] = DRAFT_LENGTHS, most_rows: int = MOST_ROWS):
         self.lengths = range(longest, shortest - 1, -1)
-        self.lengths_to_try = draft_lengths
+        self.lengths_to_try, self.most_rows = draft_lengths, most_rows
         self.history: deque[list[int]] = deque(maxlen=remembered)
+        self.history_index, self.since_rebuilt = NgramIndex(self.lengths), 0
         self.rows: list[list[int]] = []
-        self.draft_lengths: dict[tuple, DraftLength] = {}  # per shape of call: rows, longest completion, greedy or not
+        self.draft_lengths: dict[tuple, DraftLength] = {}  # per shape of call: rows, longest completion
 
     def length_for(self, shape: tuple) -> DraftLength:
         return self.draft_lengths.setdefault(shape, DraftLength(self.lengths_to_try))
@@ -108,8 +132,7 @@ class NgramDrafter:
         groups = {int(g): NgramIndex(self.lengths) for g in set(group_of_row.tolist())}
         self.group = [groups[int(g)] for g in group_of_row]
         self.everything = NgramIndex(self.lengths)
-        for tokens in self.history:
-            self.everything.add(tokens)
+        self.everything.ends = dict(self.history_index.ends)
 
     def extend(self, row: int, tokens: list[int]) -> None:
         self.rows[row].extend(tokens)
@@ -117,8 +140,7 @@ class NgramDrafter:
     def draft(self, row: int, count: int) -> list[int]:
         """Up to `count` tokens that may follow row `row`'s text."""
         text = self.rows[row]
-        for index in (self.own[row], self.group[row], self.everything):
-            index.add(text, self.indexed[row])
+        self.own[row].add(text, self.indexed[row], self.group[row], self.everything)
         self.indexed[row] = len(text)  # the n-gram ending there has a token after it only from now on
         for n in self.lengths:
             if len(text) < n:
@@ -131,8 +153,15 @@ class NgramDrafter:
         return []
 
     def finish(self, completions: list[list[int]]) -> None:
-        """Remember this call's completions for the next calls."""
-        self.history.extend(list(c) for c in completions if c)
+        """Remember this call's completions for the next calls (their index rebuilt now and then, to
+        forget the completions the history no longer holds)."""
+        completions = [list(c) for c in completions if c]
+        self.history.extend(completions)
+        self.since_rebuilt += len(completions)
+        if self.since_rebuilt > 4 * (self.history.maxlen or 1):
+            self.history_index, self.since_rebuilt, completions = NgramIndex(self.lengths), 0, list(self.history)
+        for tokens in completions:
+            self.history_index.add(tokens)
 
 
 def position_uniforms(rows: int, max_new_tokens: int, seed: int | None) -> np.ndarray:
@@ -162,7 +191,6 @@ def decode(first: np.ndarray, run: Callable, commit: Callable, keep: Callable, m
     stops = np.array(sorted(stop_ids), dtype=np.int64)
     counts = {"forwards": 0, "row_forwards": 0, "drafted": 0, "accepted": 0}
     lengths = drafter.length_for((len(first), max_new_tokens)) if drafter is not None else None
-    length, began = lengths.choose() if lengths else 0, time.perf_counter()
 
     def append(rows: np.ndarray, tokens: list) -> None:
         for row, row_tokens in zip(rows, tokens):
@@ -171,9 +199,16 @@ def decode(first: np.ndarray, run: Callable, commit: Callable, keep: Callable, m
             if drafter is not None:
                 drafter.extend(row, list(row_tokens))
 
+    def append_one(rows: np.ndarray, tokens: np.ndarray) -> None:
+        output[rows, written[rows]] = tokens
+        written[rows] += 1
+        if drafter is not None:
+            for row, token in zip(rows.tolist(), tokens.tolist()):
+                drafter.extend(row, [token])
+
     pending = np.asarray(first)  # drawn, not yet run through the model
     while True:
-        append(active[~done], pending[~done, None])
+        append_one(active[~done], pending[~done])
         done |= np.isin(pending, stops) | (written[active] >= max_new_tokens)
         if done.all():
             break
@@ -181,25 +216,30 @@ def decode(first: np.ndarray, run: Callable, commit: Callable, keep: Callable, m
             kept_rows = np.flatnonzero(~done)
             keep(kept_rows)
             active, pending, done = active[kept_rows], pending[kept_rows], done[kept_rows]
+        began, length = time.perf_counter(), lengths.choose() if lengths else 0
         room = np.where(done, 0, max_new_tokens - written[active] - 1)  # a kept draft adds one more token
-        drafts = draft_table(drafter, active, length, room, stop_ids)
+        drafts = draft_table(drafter, active, length, room, stop_ids) if length else \
+            np.zeros((len(active), 0), dtype=np.int64)
         fed = np.concatenate([np.where(done, pad_id, pending)[:, None], np.where(drafts == NO_DRAFT, pad_id, drafts)],
                              axis=1)
         positions = np.minimum(written[active][:, None] + np.arange(fed.shape[1]), max_new_tokens - 1)
         drawn = run(fed, positions, active)
         kept = accepted_drafts(drawn, drafts)
         commit(kept + 1)  # the pending token and the accepted drafts
-        append(active[~done], [d[:k] for d, k in zip(drafts[~done], kept[~done])])
         live, accepted = int((~done).sum()), int(kept.sum())
+        if accepted:
+            append(active[~done], [d[:k] for d, k in zip(drafts[~done], kept[~done])])
         pending = drawn[np.arange(len(active)), kept]
-        done |= np.array([k > 0 and d[k - 1] in stop_ids for d, k in zip(drafts, kept)], dtype=bool)
+        if accepted:  # a row whose last kept draft is a stop token is done
+            done |= np.array([k > 0 and d[k - 1] in stop_ids for d, k in zip(drafts, kept)], dtype=bool)
+        if lengths:
+            lengths.record(length, live + accepted, time.perf_counter() - began)
         for name, count in (("forwards", 1), ("row_forwards", live), ("drafted", int((drafts != NO_DRAFT).sum())),
                             ("accepted", accepted)):
             counts[name] += count
     completions = [row[:count] for row, count in zip(output.tolist(), written)]
     if drafter is not None:
         drafter.finish(completions)
-        lengths.record(length, int(written.sum()), time.perf_counter() - began)
     if stats is not None:
         stats.update(counts)
     return completions

@@ -100,11 +100,11 @@ def processes(backend: Backend) -> dict:
 
 
 def decoding_stats(counts: dict, tokens: int) -> dict:
-    """What speculative decoding did in a rollout: the fraction of drafted tokens accepted, and the
-    tokens each row gained per forward of the model (1 without drafts)."""
-    if not counts.get("forwards"):
+    """What speculative decoding did in a rollout that drafted: the fraction of drafted tokens accepted,
+    and the tokens each row gained per forward of the model."""
+    if not counts.get("drafted"):
         return {}
-    return {"draft_acceptance": counts["accepted"] / max(counts["drafted"], 1),
+    return {"draft_acceptance": counts["accepted"] / counts["drafted"],
             "tokens_per_forward": 1 + counts["accepted"] / max(counts["row_forwards"], 1)}
 
 

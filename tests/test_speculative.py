@@ -37,21 +37,23 @@ def test_drafts_come_from_the_row_then_its_group_then_earlier_completions():
     assert drafter.draft(2, 0) == []
 
 
+def chosen_lengths(cost_of, tokens_of, steps: int = 40) -> list[int]:
+    """The lengths DraftLength picks when a step of length k makes tokens_of(k) tokens in cost_of(k) s."""
+    lengths, chosen = DraftLength(lengths=(0, 2, 4, 8), window=2, every=2), []
+    for _ in range(steps):
+        length = lengths.choose()
+        chosen.append(length)
+        lengths.record(length, tokens_of(length), cost_of(length))
+    return chosen
+
+
 def test_draft_length_climbs_while_it_pays_and_turns_drafting_off_where_it_loses():
-    slow_drafts = DraftLength(lengths=(0, 2, 4, 8), explore=1000)
-    chosen = []
-    for _ in range(6):
-        length = slow_drafts.choose()
-        chosen.append(length)
-        slow_drafts.record(length, 100, 1.0 + length)  # every drafted token costs time
-    assert chosen == [0, 2, 0, 0, 0, 0]
-    fast_drafts = DraftLength(lengths=(0, 2, 4, 8), explore=1000)
-    chosen = []
-    for _ in range(6):
-        length = fast_drafts.choose()
-        chosen.append(length)
-        fast_drafts.record(length, 100 + 10 * length, 1.0)
-    assert chosen == [0, 2, 4, 8, 8, 8]
+    losing = chosen_lengths(cost_of=lambda k: 1.0 + k, tokens_of=lambda k: 100)
+    assert losing[:2] == [0, 2] and set(losing[2:6]) == {0}  # after a lost window, 2 windows' worth of plain steps
+    assert set(losing) == {0, 2} and losing.count(2) <= len(losing) // 5  # one step in 6 tries 2 again
+    paying = chosen_lengths(cost_of=lambda k: 1.0, tokens_of=lambda k: 100 + 10 * k)
+    assert paying[:6] == [0, 2, 2, 4, 4, 8]  # climbing window after window, up to 8
+    assert set(paying[6:]) == {4, 8} and paying[6:].count(8) > 0.8 * len(paying[6:])  # looking down now and then
 
 
 def decoder(backend: str, folder):
@@ -78,17 +80,19 @@ def test_speculative_rollouts_are_the_plain_decoders_token_for_token(tiny_model_
     stops = stop_token_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, p) for p in PROBLEMS for _ in range(4)]
     plain = sample(prompts, 60, temperature, stops, 3)
-    drafter, stats = NgramDrafter(draft_lengths=(4,)), {}
+    drafter, stats = NgramDrafter(draft_lengths=(4,), most_rows=len(prompts)), {}
     for call in range(2):  # the second call also drafts from the first call's completions
         assert sample(prompts, 60, temperature, stops, 3, drafter, stats) == plain
     assert stats["accepted"] > 0 and stats["forwards"] < max(len(c) for c in plain)  # drafts were kept
+    one_more = NgramDrafter(draft_lengths=(4,), most_rows=len(prompts) - 1)  # a larger batch decodes plainly
+    assert sample(prompts, 60, temperature, stops, 3, one_more, stats) == plain and stats["drafted"] == 0
 
 
 class FixedDraft(NgramDrafter):
     """Always drafts the same token: the verification decides alone what is sampled."""
 
     def __init__(self, token: int):
-        super().__init__(draft_lengths=(1,))
+        super().__init__(draft_lengths=(1,), most_rows=10**6)
         self.token = token
 
     def draft(self, row: int, count: int) -> list[int]:
