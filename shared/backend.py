@@ -36,6 +36,7 @@ class Backend(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer (mlx-lm wraps the same one)
     rank: int  # this process's place in a data-parallel run (0 writes the outputs)
     world_size: int  # processes in the run (1 without a launcher)
+    generation_stats: dict  # the last generate call's counts: forwards, rows run, drafted and accepted tokens
 
     def load(self, model_path: Path, model: ModelConfig, trainable: bool = True) -> None:
         """Load a model folder (full weights, or a LoRA adapter folder that names its base).

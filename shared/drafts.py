@@ -1,5 +1,5 @@
-"""Speculative decoding without a draft model: drafts from n-gram lookup, the acceptance rule, and how
-many tokens to draft.
+"""The decoding loop both backends share, and its speculative decoding without a draft model: drafts
+from n-gram lookup, the acceptance rule, and how many tokens to draft.
 
 A row's draft is what followed the most recent earlier occurrence of its last n tokens (n from
 `longest` down to `shortest`), looked up in the row's own prompt and completion first, then in its
@@ -245,7 +245,7 @@ def decode(first: np.ndarray, run: Callable, commit: Callable, keep: Callable, m
     return completions
 
 
-def draft_table(drafter: NgramDrafter | None, rows: np.ndarray, length: int, room: np.ndarray,
+def draft_table(drafter: NgramDrafter, rows: np.ndarray, length: int, room: np.ndarray,
                 stops: set[int]) -> np.ndarray:
     """(rows, longest draft) of drafted tokens, NO_DRAFT after a row's end: at most `length` per row,
     no more than its `room`, none after a stop token."""
