@@ -62,7 +62,7 @@ def main() -> None:
             seconds.clear()
     total = sum(r["step_s"] for r in records[1:])
     parts = {**seconds, "everything else": total - sum(seconds.values())}
-    print(f"| part | s/step | share |\n|---|---|---|")
+    print("| part | s/step | share |\n|---|---|---|")
     for part, value in parts.items():
         print(f"| {part} | {value / args.steps:.2f} | {value / total:.0%} |")
     print(f"| **step** | **{total / args.steps:.2f}** | |")

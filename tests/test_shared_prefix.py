@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from shared.backend import GRPOBatch
