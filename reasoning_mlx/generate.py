@@ -29,9 +29,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     """One completion per prompt; temperature 0 is greedy. Rows stop at their first stop token (kept:
     the policy must see it to learn to stop, which mlx-lm's batch_generate drops).
 
-    Each position of a row is drawn with its own uniform number (seeded, the same numbers on PyTorch),
-    so with a `drafter` (speculative decoding) the output is token-for-token the plain decoder's. A row that keeps fewer of the
-    tokens a forward ran has the rest rolled off the end of its cache into its left padding.
+    Each position of a row is drawn with its own uniform number (seeded, the same numbers on
+    PyTorch), so with a `drafter` (speculative decoding) the output is token-for-token the plain
+    decoder's. A row that keeps fewer of the tokens a forward ran has the rest rolled off the end of
+    its cache into its left padding.
     """
     distinct, prompt_of_row = distinct_prompts(prompts)
     ids, mask = left_pad(distinct, pad_id)

@@ -96,8 +96,9 @@ def prefix_blocks(batch: TokenBatch, max_rows: int) -> list[PrefixBlock]:
         same_length = np.flatnonzero(prompt_lengths == length)
         for first in range(0, len(same_length), max_rows):
             rows = same_length[first:first + max_rows]
-            distinct, prompt_of_row = distinct_prompts([batch.input_ids[r, start - length:start].tolist() for r in rows])
+            distinct, prompt_of_row = distinct_prompts([batch.input_ids[row, start - length:start].tolist()
+                                                        for row in rows])
+            prompts = np.array(distinct, dtype=batch.input_ids.dtype).reshape(len(distinct), length)
             columns = slice(start, start + max(int(completion_lengths[rows].max()), 1))
-            blocks.append(PrefixBlock(rows, np.array(distinct, dtype=batch.input_ids.dtype).reshape(len(distinct),
-                                      length), prompt_of_row, batch.input_ids[rows, columns], columns))
+            blocks.append(PrefixBlock(rows, prompts, prompt_of_row, batch.input_ids[rows, columns], columns))
     return blocks

@@ -99,7 +99,7 @@ def processes(backend: Backend) -> dict:
     return {"processes": backend.world_size} if backend.world_size > 1 else {}
 
 
-def decoding_stats(counts: dict, tokens: int) -> dict:
+def decoding_stats(counts: dict) -> dict:
     """What speculative decoding did in a rollout that drafted: the fraction of drafted tokens accepted,
     and the tokens each row gained per forward of the model."""
     if not counts.get("drafted"):
@@ -132,7 +132,7 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
             except DivergedError as error:
                 raise diverged("GRPO", step, str(error), "--grpo-lr") from None
             texts = [decode_completion(tokenizer, c) for c in completions]
-            decoding = decoding_stats(getattr(backend, "generation_stats", {}), sum(len(c) for c in completions))
+            decoding = decoding_stats(backend.generation_stats)
             rewards, components = [], []
             for index, problem in enumerate(chosen):
                 group = slice(index * config.group_size, (index + 1) * config.group_size)

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top, as ARCHITECTURE.md draws them; a package name stands for all its modules.
 LAYERS = [
-    ["shared.errors", "shared.progress", "shared.grpo", "shared.padding", "shared.drafts", "shared.tensor_files", "shared.tracking",
-     "shared.distributed"],
+    ["shared.errors", "shared.progress", "shared.grpo", "shared.padding", "shared.drafts", "shared.tensor_files",
+     "shared.tracking", "shared.distributed"],
     ["shared.data", "shared.rewards", "shared.config", "shared.layouts"],
     ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",
      "shared.tiny_model", "shared.gguf_import", "shared.pretrained", "shared.prompts"],
