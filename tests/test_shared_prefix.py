@@ -28,9 +28,9 @@ CASES = [("grpo", 0.0, 64, 1), ("dr_grpo", 0.04, 5, 1), ("dapo", 0.04, 64, 2), (
 
 
 def make_backend(name: str, folder, model: ModelConfig, micro_batch_size: int = 64):
-    torch.manual_seed(0)
     backend = TorchBackend(device="cpu", micro_batch_size=micro_batch_size) if name == "torch" else \
         MLXBackend(micro_batch_size=micro_batch_size)
+    backend.seed(0)  # LoRA's initialisation: the same sampled batch every run
     backend.load(folder, model, trainable=True)
     backend.set_reference()  # the KL's reference: these starting weights
     return backend
