@@ -15,10 +15,14 @@ from shared.grpo import token_weights
 
 def token_logprobs(model, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
     """(B, T) log-prob of token t given tokens < t (column 0 is 0)."""
-    logits = model(input_ids)[:, :-1].astype(mx.float32) / temperature
-    targets = input_ids[:, 1:]
+    return mx.pad(picked_logprobs(model(input_ids)[:, :-1], input_ids[:, 1:], temperature), [(0, 0), (1, 0)])
+
+
+def picked_logprobs(logits: mx.array, targets: mx.array, temperature: float) -> mx.array:
+    """(B, T) log-softmax of `logits` (B, T, V) at `targets`, in float32."""
+    logits = logits.astype(mx.float32) / temperature
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return mx.pad(picked - mx.logsumexp(logits, axis=-1), [(0, 0), (1, 0)])
+    return picked - mx.logsumexp(logits, axis=-1)
 
 
 class PrefixCache(KVCache):
@@ -44,9 +48,7 @@ def prefix_logprobs(model, prompts: mx.array, prompt_of_row: mx.array, completio
         for layer in cache:  # indexing: differentiable, each row gets its prompt's keys and values
             layer.keys, layer.values = layer.keys[prompt_of_row], layer.values[prompt_of_row]
         logits.append(model(completions[:, :-1], cache=cache))
-    logits = mx.concatenate(logits, axis=1).astype(mx.float32) / temperature
-    picked = mx.take_along_axis(logits, completions[..., None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked_logprobs(mx.concatenate(logits, axis=1), completions, temperature)
 
 
 def grpo_loss(new_logprobs: mx.array, old_logprobs: mx.array, advantages: mx.array, mask: mx.array,
