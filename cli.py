@@ -58,7 +58,7 @@ TRAIN_OPTIONS = [
     click.option("--eval-every", type=click.IntRange(min=0),
                  help="also evaluate every N steps of each phase [0: off; tiny: 250]"),
     click.option("--eval-every-samples", type=POSITIVE_INT,
-                 help="held-out problems per evaluation along the run, at most --eval-samples [200]"),
+                 help="held-out problems per evaluation along the run and before SFT [200]"),
     click.option("--ood-samples", type=click.IntRange(min=0),
                  help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]"),
     click.option("--save-every", type=click.IntRange(min=0),
@@ -90,8 +90,7 @@ def train(**options) -> None:
 
     Interrupted runs (Ctrl-C, a crash, kill -9) continue with --resume, or by running the same
     command again."""
-    from shared.evaluation import results_table
-    from shared.pipeline import STAGE_LABELS, run_training
+    from shared.pipeline import results_text, run_training
     from shared.resume import run_to_start
     from backends import make_backend
 
@@ -110,9 +109,7 @@ def train(**options) -> None:
     backend.close()
     if backend.rank:  # one process of a data-parallel run reports
         return
-    click.echo(results_table({STAGE_LABELS[stage]: result for stage, result in results.items()}))
-    if out_of_distribution:
-        click.echo("\nout of distribution:\n" + results_table(out_of_distribution, first_column="problem set"))
+    click.echo(results_text(results, out_of_distribution))
     click.echo(f"checkpoints, metrics.jsonl, eval.json and report.md (with plots/) are in {config.output_dir}")
 
 
@@ -213,13 +210,16 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 @click.option("--max-new-tokens", type=POSITIVE_INT, default=256, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+@click.option("--compare", type=click.Path(path_type=Path),
+              help="another checkpoint, scored on the same problems: the paired difference and McNemar's p")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
 def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: int, samples_per_problem: int,
-                 temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, log_level: str) -> None:
+                 temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, compare: Path | None,
+                 log_level: str) -> None:
     """Score a checkpoint on held-out problems, in and out of distribution (greedy; pass@k sampled)."""
     from shared.data import OUT_OF_DISTRIBUTION, generate_problems
-    from shared.evaluation import evaluate, out_of_distribution_sets, results_table
-    from shared.layouts import check_new_tokens
+    from shared.evaluation import evaluate, out_of_distribution_sets, paired_comparison, paired_line, results_table
+    from shared.layouts import check_checkpoint, check_new_tokens
     from shared.prompts import encode_prompts
     from backends import load_for_inference
 
@@ -228,6 +228,8 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     check_problem_count("--ood-samples", ood_samples, held_out=True, shapes=OUT_OF_DISTRIBUTION)
     if json_path:
         check_can_write(json_path, "--json", folder=False)
+    if compare:
+        check_checkpoint(compare)  # before the first checkpoint's evaluation, which would be lost
     model = load_for_inference(checkpoint, backend)
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
@@ -238,10 +240,19 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     check_new_tokens("--max-new-tokens", max_new_tokens, longest_prompt, checkpoint)
     results = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
+    payload = {name: {**r.summary(), "samples": r.samples, "solved": r.solved} for name, r in results.items()}
+    if compare:
+        model = load_for_inference(compare, backend)
+        baseline = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
+        click.echo(f"\n{compare}\n" + results_table(baseline, first_column="problem set") + "\n")
+        for name, result in results.items():
+            paired = paired_comparison(baseline[name].solved, result.solved)
+            click.echo(f"{name.replace('_', ' ')}: " + paired_line(paired, str(compare), str(checkpoint)))
+            payload[name]["compared_with"] = {"checkpoint": str(compare), **baseline[name].summary(),
+                                              "solved": baseline[name].solved, "paired": paired}
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({name: {**r.summary(), "samples": r.samples} for name, r in results.items()},
-                                        indent=2))
+        json_path.write_text(json.dumps(payload, indent=2))
 
 
 @cli.command()

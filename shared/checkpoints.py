@@ -41,6 +41,13 @@ def cache_lock(folder: Path):
         yield
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """A small file written beside its place and renamed into it: readers see the old text or the new."""
+    staging = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 @contextmanager
 def atomic_folder(target: Path):
     """Yield a staging folder; on success it replaces `target` in one rename, on failure it vanishes."""

@@ -72,7 +72,8 @@ class EvalConfig:
     max_new_tokens: int = option(256, "longest completion generated")
     batch_size: int = option(100, "problems decoded together")
     every_steps: int = option(0, "also evaluate every N optimiser steps during training (0: only between phases)")
-    every_problems: int = option(200, "held-out problems per evaluation along the run (the first of the set)")
+    every_problems: int = option(200, "held-out problems per evaluation along the run and before SFT (the first "
+                                      "of the set)")
     ood_problems: int = option(200, "problems per out-of-distribution set, evaluated after the last phase (0: off)")
     samples_per_problem: int = option(1, "k for pass@k: sampled completions per problem (1: greedy only)")
     temperature: float = option(1.0, "sampling temperature for pass@k")

@@ -2,6 +2,7 @@
 verification, the reward breakdown, completion length, and pass@k with sampling."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,9 +29,10 @@ class EvalResult:
     pass_at_k: float | None = None
     k: int | None = None
     samples: list[dict] = field(default_factory=list)
+    solved: str = ""  # per problem, in order: "1" answered correctly, "0" not
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "samples"}
+        return {k: v for k, v in asdict(self).items() if k not in ("samples", "solved")}
 
 
 def score_completions(problems: list[Problem], completions: list[str], lengths: list[int],
@@ -54,7 +56,34 @@ def score_completions(problems: list[Problem], completions: list[str], lengths: 
         reward=float(np.mean([combined_reward(c, weights) for c in components])) if components else 0.0,
         reward_components={name: mean(name) for name in (components[0] if components else {})},
         samples=samples,
+        solved="".join("1" if c["correctness"] else "0" for c in components),
     )
+
+
+def paired_comparison(before: str, after: str) -> dict:
+    """Two evaluations of the same problems (`solved` strings): the accuracy difference, the problems
+    only one of them solved each way, and McNemar's exact two-sided p-value for "no difference"."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"a paired comparison needs the same problems; got {len(before)} and {len(after)}")
+    gained = sum(b == "0" and a == "1" for b, a in zip(before, after))
+    lost = sum(b == "1" and a == "0" for b, a in zip(before, after))
+    return {"problems": len(before), "difference": (gained - lost) / len(before), "gained": gained, "lost": lost,
+            "p_value": mcnemar_p_value(gained, lost)}
+
+
+def mcnemar_p_value(gained: int, lost: int) -> float:
+    """Exact McNemar test: under no difference each discordant problem goes either way with
+    probability 1/2, so the smaller count is binomial(gained + lost, 1/2); two-sided."""
+    discordant = gained + lost
+    tail = sum(math.comb(discordant, i) for i in range(min(gained, lost) + 1))
+    return min(1.0, 2 * tail / 2 ** discordant)
+
+
+def paired_line(comparison: dict, before: str, after: str) -> str:
+    """'after GRPO vs after SFT on the same 1,000 problems: +5.2 points (...), McNemar p = 0.0001'."""
+    return (f"{after} vs {before} on the same {comparison['problems']:,} problems: "
+            f"{100 * comparison['difference']:+.1f} points (solved only {after}: {comparison['gained']}, "
+            f"only {before}: {comparison['lost']}), McNemar p = {comparison['p_value']:.2g}")
 
 
 def pass_at_k(problems: list[Problem], completions: list[list[str]]) -> float:

@@ -15,7 +15,8 @@ from shared.checkpoints import save_checkpoint
 from shared.config import ModelConfig, RunConfig
 from shared.data import Problem, generate_problems
 from shared.errors import Interrupted
-from shared.evaluation import EvalResult, evaluate, out_of_distribution_sets, results_table
+from shared.evaluation import (EvalResult, evaluate, out_of_distribution_sets, paired_comparison, paired_line,
+                              results_table)
 from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
 from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
 from shared.report import write_report
@@ -176,7 +177,9 @@ def stop_agreed(run: Run, requested: bool) -> bool:
 
 
 def evaluate_stage(run: Run, stage: str) -> None:
-    run.state.results[stage] = evaluate_and_log(run, stage, STAGE_LABELS[stage], run.eval_problems)
+    # the untrained model rarely answers and often rambles to the token cap: a subset tells as much
+    problems = run.eval_problems[:run.config.eval.every_problems] if stage == "before_sft" else run.eval_problems
+    run.state.results[stage] = evaluate_and_log(run, stage, STAGE_LABELS[stage], problems)
 
 
 def evaluate_and_log(run: Run, stage: str, label: str, problems: list[Problem], step: int | None = None
@@ -202,7 +205,7 @@ def write_outputs(run: Run, out_of_distribution: dict[str, EvalResult]) -> None:
     state = run.state
     write_eval_json(run.output / "eval.json", state.results, out_of_distribution, state.timings)
     write_report(run.output, run.config.to_json(), run.metrics.records, state.results, out_of_distribution,
-                 state.timings, STAGE_LABELS)
+                 state.timings, STAGE_LABELS, grpo_gain(state.results))
     shutil.rmtree(run.output / PERIODIC_FOLDER, ignore_errors=True)
     write_run_status(run.output, finished=True)
 
@@ -214,9 +217,29 @@ def forget_previous_run(output: Path) -> None:
         (output / name / STATE_FILE).unlink(missing_ok=True)
 
 
+def results_text(results: dict[str, EvalResult], out_of_distribution: dict[str, EvalResult]) -> str:
+    """What `train` prints at the end: the stages' table, GRPO's paired gain, the out-of-distribution table."""
+    text = results_table({STAGE_LABELS[stage]: result for stage, result in results.items()})
+    if gain := grpo_gain(results):
+        text += "\n" + paired_line(gain, "after SFT", "after GRPO")
+    if out_of_distribution:
+        text += "\n\nout of distribution:\n" + results_table(out_of_distribution, first_column="problem set")
+    return text
+
+
+def grpo_gain(results: dict[str, EvalResult]) -> dict | None:
+    """After GRPO against after SFT on the same held-out problems, where the run has both."""
+    before, after = results.get("after_sft"), results.get("after_grpo")
+    if before is None or after is None or len(before.solved) != len(after.solved) or not before.solved:
+        return None
+    return paired_comparison(before.solved, after.solved)
+
+
 def write_eval_json(path: Path, results: dict[str, EvalResult], out_of_distribution: dict[str, EvalResult],
                     timings: dict[str, float]) -> None:
-    payload = {"in_distribution": {stage: {**r.summary(), "samples": r.samples} for stage, r in results.items()},
+    payload = {"in_distribution": {stage: {**r.summary(), "samples": r.samples, "solved": r.solved}
+                                   for stage, r in results.items()},
+               "grpo_vs_sft": grpo_gain(results),
                "out_of_distribution": {name: {**r.summary(), "samples": r.samples}
                                        for name, r in out_of_distribution.items()},
                "timings": timings,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.evaluation import EvalResult, results_table
+from shared.evaluation import EvalResult, paired_line, results_table
 from shared.rewards import RewardWeights
 
 logger = logging.getLogger("local_reasoning")
@@ -131,7 +131,7 @@ def sample_block(result: EvalResult, count: int = 2) -> str:
 
 def write_report(output: Path, run_config_json: str, records: list[dict], results: dict[str, EvalResult],
                  out_of_distribution: dict[str, EvalResult], timings: dict[str, float],
-                 stage_labels: dict[str, str]) -> Path:
+                 stage_labels: dict[str, str], grpo_gain: dict | None = None) -> Path:
     output = Path(output)
     plots = write_plots(records, output / "plots")
     config = json.loads(run_config_json)
@@ -144,6 +144,8 @@ def write_report(output: Path, run_config_json: str, records: list[dict], result
         f"## Held-out problems ({next(iter(results.values())).num_problems if results else 0}, greedy)", "",
         results_table({stage_labels[s]: r for s, r in results.items()}), "",
     ]
+    if grpo_gain:
+        lines += [paired_line(grpo_gain, "after SFT", "after GRPO") + ".", ""]
     if out_of_distribution:
         lines += ["## Out of distribution (after the last phase)", "",
                   results_table(out_of_distribution, first_column="problem set"), ""]

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from shared.backend import Backend
+from shared.checkpoints import write_atomically
 from shared.config import RunConfig
 from shared.errors import UsageError
 from shared.pipeline import run_training
-from shared.run_records import move_to_earlier
+from shared.resume import is_unfinished, latest_resume_point, run_finished
 
 logger = logging.getLogger("local_reasoning")
-SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png")
 
 
 def parse_counts(text: str) -> list[int]:
@@ -30,43 +30,118 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
+ROW_FILE = "sweep_row.json"  # in a row's folder: the minutes the sweep spent on it
+UNCOMPARED = {"output_dir", "wandb_project", "sft.num_samples", "sft.save_every", "grpo.save_every"}
+
+
 def run_sweep(config: RunConfig, counts: list[int], new_backend: Callable[[], Backend]) -> list[dict]:
-    """One run per count in `{output_dir}/samples_{count}`, then sweep.json, sweep.md and sweep.png."""
+    """One run per count in `{output_dir}/samples_{count}`, then sweep.json, sweep.md and sweep.png
+    from every finished row in the folder. A row that finished earlier is read back, an interrupted
+    one continues from its last save; a finished row with other settings is an error, before any run."""
     output = Path(config.output_dir)
-    rows = []
-    for count in counts:
-        run = dataclasses.replace(config, sft=dataclasses.replace(config.sft, num_samples=count),
-                                  output_dir=str(output / f"samples_{count}"))
-        logger.info("sweep: %d SFT problems -> %s", count, run.output_dir)
+    runs = [row_config(config, count) for count in counts]
+    for run in runs:
+        check_same_settings(run)
+    for run in runs:
+        folder = Path(run.output_dir)
+        if run_finished(folder):
+            logger.info("sweep: %d SFT problems finished earlier in %s", run.sft.num_samples, folder)
+            continue
+        point = latest_resume_point(folder) if is_unfinished(folder) else None
+        logger.info("sweep: %d SFT problems -> %s%s", run.sft.num_samples, folder, " (continued)" if point else "")
         began = time.perf_counter()
         backend = new_backend()
-        results, _ = run_training(run, backend)
-        rows.append({"num_samples": count, "sft_accuracy": results["after_sft"].accuracy,
-                     "grpo_accuracy": results["after_grpo"].accuracy if "after_grpo" in results else None,
-                     "minutes": (time.perf_counter() - began) / 60})
+        run_training(run, backend, point)
+        backend.close()
         if backend.rank == 0:  # after every run, so an interrupted sweep keeps what it measured
-            if len(rows) == 1:
-                move_to_earlier(output, SWEEP_FILES, "sweep")  # an earlier sweep's table is kept, not replaced
-            write_sweep(output, rows, config)
-    backend.close()
+            write_atomically(folder / ROW_FILE, json.dumps(
+                {"minutes": (time.perf_counter() - began) / 60, "continued": point is not None}))
+            write_sweep(output, finished_rows(config), config)
+    rows = finished_rows(config)
+    if rows:
+        write_sweep(output, rows, config)
     return rows
 
 
+def row_config(config: RunConfig, count: int) -> RunConfig:
+    return dataclasses.replace(config, sft=dataclasses.replace(config.sft, num_samples=count),
+                               output_dir=str(Path(config.output_dir) / f"samples_{count}"))
+
+
+def settings(config: RunConfig) -> dict:
+    """The run's settings that can change its numbers, flattened: {"grpo.lr": 2e-05, ...}."""
+    flat = {}
+    for name, value in json.loads(config.to_json()).items():
+        for key, item in (value.items() if isinstance(value, dict) else [(None, value)]):
+            flat[f"{name}.{key}" if key else name] = item
+    return {name: value for name, value in flat.items() if name not in UNCOMPARED}
+
+
+def differences(saved: RunConfig, wanted: RunConfig) -> list[str]:
+    mine, theirs = settings(wanted), settings(saved)
+    return [f"{name} {theirs.get(name)!r} (this command: {mine.get(name)!r})"
+            for name in sorted(mine.keys() | theirs.keys()) if mine.get(name) != theirs.get(name)]
+
+
+def saved_config(folder: Path) -> RunConfig | None:
+    try:
+        return RunConfig.from_json((folder / "run_config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_same_settings(run: RunConfig) -> None:
+    """A row that finished (or stopped) with other settings is never silently reused or replaced."""
+    folder = Path(run.output_dir)
+    saved = saved_config(folder) if run_finished(folder) or is_unfinished(folder) else None
+    if saved is not None and (changed := differences(saved, run)):
+        state = "finished" if run_finished(folder) else "stopped"
+        raise UsageError(f"{folder} {state} with other settings: {'; '.join(changed[:3])}; "
+                         "use another --output-dir, or move that folder away")
+
+
+def finished_rows(config: RunConfig) -> list[dict]:
+    """A row per finished run in the sweep folder with this sweep's settings, fewest SFT problems first."""
+    rows = []
+    for folder in sorted(Path(config.output_dir).glob("samples_*")):
+        saved = saved_config(folder)
+        if not run_finished(folder) or saved is None or differences(saved, row_config(config, saved.sft.num_samples)):
+            continue
+        try:
+            evaluations = json.loads((folder / "eval.json").read_text())
+        except (OSError, ValueError):
+            continue
+        stages = evaluations["in_distribution"]
+        timing = json.loads((folder / ROW_FILE).read_text()) if (folder / ROW_FILE).exists() else {}
+        rows.append({"num_samples": saved.sft.num_samples, "sft_accuracy": stages["after_sft"]["accuracy"],
+                     "grpo_accuracy": stages["after_grpo"]["accuracy"] if "after_grpo" in stages else None,
+                     "grpo_vs_sft": evaluations.get("grpo_vs_sft"), "minutes": timing.get("minutes"),
+                     "continued": timing.get("continued", False)})
+    return sorted(rows, key=lambda row: row["num_samples"])
+
+
 def sweep_table(rows: list[dict]) -> str:
-    lines = ["| training data (SFT problems) | accuracy after SFT | accuracy after SFT + GRPO | minutes |",
-             "|---|---|---|---|"]
+    lines = ["| training data (SFT problems) | accuracy after SFT | accuracy after SFT + GRPO | GRPO's paired gain "
+             "| McNemar p | minutes |", "|---|---|---|---|---|---|"]
     for row in rows:
         grpo = "–" if row["grpo_accuracy"] is None else f"{row['grpo_accuracy']:.1%}"
-        lines.append(f"| {row['num_samples']:,} samples | {row['sft_accuracy']:.1%} | {grpo} | {row['minutes']:.1f} |")
+        paired = row.get("grpo_vs_sft")
+        gain, p_value = (f"{100 * paired['difference']:+.1f} points (+{paired['gained']} / -{paired['lost']})",
+                         f"{paired['p_value']:.2g}") if paired else ("–", "–")
+        minutes = "–" if row["minutes"] is None else \
+            f"{row['minutes']:.1f}" + (" (last part; the run was continued)" if row["continued"] else "")
+        lines.append(f"| {row['num_samples']:,} samples | {row['sft_accuracy']:.1%} | {grpo} | {gain} | {p_value} "
+                     f"| {minutes} |")
     return "\n".join(lines)
 
 
 def write_sweep(output: Path, rows: list[dict], config: RunConfig) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    (output / "sweep.json").write_text(json.dumps({"rows": rows, "config": json.loads(config.to_json())}, indent=2))
+    write_atomically(output / "sweep.json", json.dumps({"rows": rows, "config": json.loads(config.to_json())},
+                                                       indent=2))
     header = (f"Model `{config.model.name}`, backend `{config.backend}`, held-out problems per evaluation: "
               f"{config.eval.num_problems}, GRPO prompts per run: {config.grpo.num_prompts}.\n\n")
-    (output / "sweep.md").write_text(header + sweep_table(rows) + "\n")
+    write_atomically(output / "sweep.md", header + sweep_table(rows) + "\n")
     plot_sweep(rows, output / "sweep.png")
 
 

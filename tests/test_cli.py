@@ -62,6 +62,12 @@ def test_train_full_writes_checkpoints_metrics_and_eval(trained_run):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{plot.name}" in report
     assert set(evaluation["in_distribution"]) == {"before_sft", "after_sft", "after_grpo"}
     assert evaluation["in_distribution"]["after_sft"]["num_problems"] == 8
+    for stage in evaluation["in_distribution"].values():  # each problem's result, in order, for paired tests
+        assert len(stage["solved"]) == 8 and stage["solved"].count("1") / 8 == stage["accuracy"]
+    sft, grpo = (evaluation["in_distribution"][stage]["solved"] for stage in ("after_sft", "after_grpo"))
+    paired = evaluation["grpo_vs_sft"]
+    assert (paired["gained"], paired["lost"]) == (sum(a > b for a, b in zip(grpo, sft)), sum(a < b for a, b in zip(grpo, sft)))
+    assert "after GRPO vs after SFT on the same 8 problems" in report and "McNemar p" in result.stdout
     # no terminal here: progress comes as log lines, with the step, the loss or reward and the time left
     assert re.search(r" INFO SFT 3/3 steps \(100%\), loss [\d.]+, tokens/s \d+, elapsed \d+s, remaining 0s",
                      result.stderr), result.stderr[-3000:]
@@ -97,7 +103,8 @@ def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
     folder = trained_run[0] / "reasoning_final"
     report = tmp_path / "eval.json"
     result = run_cli("eval", "--checkpoint", folder, "--num-samples", "5", "--ood-samples", "3",
-                     "--samples-per-problem", "2", "--json", report, env_extra=cache_env)
+                     "--samples-per-problem", "2", "--json", report, "--compare", trained_run[0] / "sft_final",
+                     env_extra=cache_env)
     assert result.returncode == 0, result.stderr[-2000:]
     sets = json.loads(report.read_text())
     assert list(sets) == ["in_distribution", "two_operands", "four_operands", "three_digit"]
@@ -106,6 +113,12 @@ def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
     assert set(sets["four_operands"]["reward_components"]) == {"correctness", "format", "steps", "verification",
                                                                "step_validity"}
     assert "| three digit |" in result.stdout and "pass@k" in result.stdout
+    compared = sets["three_digit"]["compared_with"]  # the same problems, scored with the other checkpoint
+    assert compared["checkpoint"] == str(trained_run[0] / "sft_final") and len(compared["solved"]) == 3
+    assert compared["paired"]["gained"] == sum(a > b for a, b in zip(sets["three_digit"]["solved"], compared["solved"]))
+    assert f"three digit: {folder} vs {trained_run[0] / 'sft_final'} on the same 3 problems" in result.stdout
+    missing = run_cli("eval", "--checkpoint", folder, "--compare", tmp_path / "nothing", env_extra=cache_env)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     operands = [int(n) for n in sets["three_digit"]["samples"][0]["prompt"].removeprefix("Calculate ").split(" + ")]
     assert len(operands) == 3 and all(100 <= n <= 999 for n in operands)
     demo = run_cli("infer", "--checkpoint", folder, env_extra=cache_env)

@@ -67,12 +67,18 @@ def test_sweep_writes_the_results_table_per_sample_count(tmp_path):
         run = tmp_path / f"samples_{count}"
         assert json.loads((run / "run_config.json").read_text())["sft"]["num_samples"] == count
         assert (run / "reasoning_final" / "model.safetensors").exists() and (run / "report.md").exists()
-    again = run_cli("sweep", "--num-samples", "32", *budget, "--output-dir", tmp_path)  # the same folder
+    assert all(row["grpo_vs_sft"]["problems"] == 8 and row["minutes"] > 0 for row in rows)
+    assert "McNemar p" in table
+    again = run_cli("sweep", "--num-samples", "32", *budget, "--output-dir", tmp_path)  # the same folder: no run
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [row["num_samples"] for row in json.loads((tmp_path / "sweep.json").read_text())["rows"]] == [32]
-    [earlier] = (tmp_path / "earlier_runs").iterdir()  # the first sweep's table, kept
-    assert [row["num_samples"] for row in json.loads((earlier / "sweep.json").read_text())["rows"]] == [32, 64]
-    assert len(list((tmp_path / "samples_32" / "earlier_runs").iterdir())) == 1
+    assert "sweep: 32 SFT problems finished earlier" in again.stderr and "SFT 0/" not in again.stderr
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows  # every finished row of the folder
+    assert not (tmp_path / "samples_32" / "earlier_runs").exists()
+    changed = run_cli("sweep", "--num-samples", "32,48", *budget, "--grpo-lr", "1e-3", "--output-dir", tmp_path)
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'samples_32'} finished with other settings: grpo.lr 5e-05 (this command: 0.001); "
+        "use another --output-dir, or move that folder away"]
+    assert not (tmp_path / "samples_48").exists()
     bad = run_cli("sweep", "--num-samples", "100,lots", "--model", "tiny")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --num-samples takes whole numbers separated by commas, like 100,500,1000; got '100,lots'"]
@@ -91,3 +97,16 @@ def test_the_accuracy_plot_draws_points_not_lines_between_evaluations():
     assert len(lines) == 4 and all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in lines)
     assert [line.get_label() for line in lines] == ["accuracy (1000 problems)", "accuracy along the run (200 problems)",
                                                     "format (1000 problems)", "format along the run (200 problems)"]
+
+
+def test_mcnemar_p_values_and_the_paired_comparison():
+    from shared.evaluation import mcnemar_p_value, paired_comparison
+
+    assert mcnemar_p_value(10, 0) == 2 / 2**10  # every discordant problem one way: twice the one-sided tail
+    assert mcnemar_p_value(30, 15) == pytest.approx(0.035698, abs=1e-6)  # binomial(45, 1/2), two-sided
+    assert mcnemar_p_value(15, 30) == mcnemar_p_value(30, 15) and mcnemar_p_value(5, 5) == mcnemar_p_value(0, 0) == 1.0
+    assert mcnemar_p_value(300, 250) == pytest.approx(0.0366, abs=5e-4)  # large counts stay exact
+    assert paired_comparison("1100", "1011") == {"problems": 4, "difference": 0.25, "gained": 2, "lost": 1,
+                                                 "p_value": 1.0}
+    with pytest.raises(ValueError, match="the same problems"):
+        paired_comparison("110", "1011")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cli import ROOT, run_cli
+from test_cli import ROOT, TINY_BUDGET, run_cli
 
 pytestmark = pytest.mark.slow  # real training runs in subprocesses, killed and resumed
 
@@ -126,6 +126,27 @@ def test_an_unfinished_run_is_not_overwritten_by_other_settings(cache_env, tmp_p
     assert (tmp_path / "checkpoints" / "sft-step-000003" / "model.safetensors").exists()
     nothing = run_cli("train", "--resume", "--output-dir", tmp_path / "empty", env_extra=cache_env)
     assert nothing.returncode == 1 and "holds no checkpoint to resume from" in nothing.stderr
+
+
+def test_an_interrupted_sweep_continues_its_unfinished_row_and_keeps_the_finished_one(cache_env, tmp_path):
+    budget = [a for a in TINY_BUDGET if a not in ("--num-samples", "96")]
+    sweep = ["sweep", "--num-samples", "32,64", *budget, "--save-every", "1", "--output-dir", tmp_path]
+    killed = stop_when([sys.executable, str(ROOT / "cli.py"), *map(str, sweep)],
+                       tmp_path / "samples_64" / "checkpoints" / "sft-step-000001", signal.SIGKILL, cache_env)
+    assert killed.returncode == -signal.SIGKILL
+    assert [row["num_samples"] for row in json.loads((tmp_path / "sweep.json").read_text())["rows"]] == [32]
+    finished_row = (tmp_path / "samples_32" / "metrics.jsonl").read_text()
+    again = run_cli(*sweep, env_extra=cache_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep: 32 SFT problems finished earlier" in again.stderr
+    assert f"sweep: 64 SFT problems -> {tmp_path / 'samples_64'} (continued)" in again.stderr
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(row["num_samples"], row["continued"]) for row in rows] == [(32, False), (64, True)]
+    assert (tmp_path / "samples_32" / "metrics.jsonl").read_text() == finished_row
+    assert not (tmp_path / "samples_64" / "earlier_runs").exists()  # continued, not started again
+    sft_steps = [json.loads(line)["step"] for line in (tmp_path / "samples_64" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["phase"] == "sft"]
+    assert sft_steps == [1, 2]
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
