@@ -5,6 +5,7 @@ import importlib.util
 import platform
 from pathlib import Path
 
+from shared.distributed import launched_processes, launcher_backend
 from shared.errors import UserError
 from shared.layouts import BACKEND_OF_LAYOUT, check_checkpoint, detect_layout
 
@@ -24,7 +25,10 @@ def is_apple_silicon() -> bool:
 
 
 def choose_backend(requested: str) -> str:
-    """auto: MLX on Apple Silicon, else PyTorch (CUDA; and on a CPU, where bench/ measures it faster)."""
+    """auto: under a launcher (mlx.launch, torchrun) its framework; else MLX on Apple Silicon, else
+    PyTorch (CUDA; and on a CPU, where bench/ measures it faster)."""
+    if requested == "auto" and launched_processes() > 1:
+        requested = launcher_backend()
     if requested == "auto":
         candidates = ["mlx", "torch"] if is_apple_silicon() else ["torch", "mlx"]
         for name in candidates:
