@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from shared.checkpoints import check_can_write, is_out_of_memory, is_out_of_space
+from shared.checkpoints import check_can_write, hold_output, is_out_of_memory, is_out_of_space
 from shared.config import EvalConfig
 from shared.data import check_problem_count
 from shared.distributed import launched_processes
@@ -96,17 +96,18 @@ def train(**options) -> None:
 
     setup_logging(options["log_level"])
     check_can_write(options["output_dir"], "--output-dir", folder=True)
-    config, point = run_to_start(options, flags_given())
-    backend = make_backend(config.backend, options["micro_batch_size"])
-    if backend.rank:  # one process of a data-parallel run logs the progress
-        logger.setLevel(logging.WARNING)
-    logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
-                config.output_dir)
-    if point:
-        logger.info("resuming from %s (%s step %d of %d)", point[1], point[0].phase.upper(), point[0].step,
-                    point[0].total_steps)
-    results, out_of_distribution = run_training(config, backend, point)
-    backend.close()
+    with hold_output(options["output_dir"]):  # before reading what a run there left
+        config, point = run_to_start(options, flags_given())
+        backend = make_backend(config.backend, options["micro_batch_size"])
+        if backend.rank:  # one process of a data-parallel run logs the progress
+            logger.setLevel(logging.WARNING)
+        logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
+                    config.output_dir)
+        if point:
+            logger.info("resuming from %s (%s step %d of %d)", point[1], point[0].phase.upper(), point[0].step,
+                        point[0].total_steps)
+        results, out_of_distribution = run_training(config, backend, point)
+        backend.close()
     if backend.rank:  # one process of a data-parallel run reports
         return
     click.echo(results_text(results, out_of_distribution))
@@ -139,7 +140,8 @@ def sweep(counts: str, **options) -> None:
     run_config_from_options({**options, "num_samples": numbers[-1], "sft_checkpoint": None})  # the largest fits
     config = run_config_from_options({**options, "num_samples": numbers[0], "sft_checkpoint": None})
     config.backend = resolve_backend(config.backend)  # a missing backend fails here, before any run
-    rows = run_sweep(config, numbers, lambda: make_backend(config.backend, options["micro_batch_size"]))
+    with hold_output(config.output_dir):
+        rows = run_sweep(config, numbers, lambda: make_backend(config.backend, options["micro_batch_size"]))
     click.echo(sweep_table(rows))
     click.echo(f"sweep.md, sweep.json, sweep.png and one folder per run are in {config.output_dir}")
 

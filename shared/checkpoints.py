@@ -10,6 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from shared.distributed import launched_rank
 from shared.errors import UsageError, UserError
 from shared.layouts import RUN_CONFIG_FILE
 from shared.manifest import write_manifest
@@ -111,8 +112,41 @@ def check_can_write(path: Path, flag: str, folder: bool) -> None:
     nearest = path if path.exists() else next(parent for parent in path.absolute().parents if parent.exists())
     if not nearest.is_dir():
         raise UsageError(f"{flag} {path} cannot be {wanted}: {nearest} is a file")
-    if not os.access(nearest, os.W_OK):
-        raise UsageError(f"{flag} {path} cannot be written: {nearest} is not writable")
+    # tried, not guessed from permissions: root passes any access check, yet cannot write under /proc
+    where = path if folder and path.is_dir() else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=where))
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written ({error.strerror or error})") from None
+
+
+@contextmanager
+def hold_output(folder: Path):
+    """Held while a run writes `folder`: a second run there is a one-line error, not two runs
+    overwriting each other. The operating system releases the lock when the process ends, however."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one run per folder is then the user's to arrange
+        fcntl = None
+    if fcntl is None or launched_rank() != 0:  # in a data-parallel run the first process holds it
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".run.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UsageError(f"{folder} is in use by another run ({holder}); wait for it to finish, "
+                             "or choose another --output-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()}")
+        lock.flush()
+        yield
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -27,6 +27,14 @@ def launched_processes() -> int:
         return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher numbered it (torchrun: RANK, mlx.launch: MLX_RANK); 0 without one."""
+    try:
+        return int(os.environ.get("RANK") or os.environ.get("MLX_RANK") or 0)
+    except ValueError:
+        return 0
+
+
 LAUNCHERS = {"torch": "torchrun (or accelerate launch)", "mlx": "mlx.launch"}
 
 

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,10 +189,41 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(trained
          f"error: --json {tmp_path} is a folder; give a file"),
         (["convert", trained_run[0] / "sft_final", "--to", "mlx", "--output", a_file / "x"],
          f"error: --output {a_file / 'x'} cannot be a folder: {a_file} is a file"),
+        # root passes every permission check, and still cannot create anything under /proc
+        (["eval", "--checkpoint", trained_run[0] / "sft_final", "--json", "/proc/nope/e.json"],
+         "error: --json /proc/nope/e.json cannot be written (No such file or directory)"),
+        (["convert", trained_run[0] / "sft_final", "--to", "mlx", "--output", "/proc/nope"],
+         "error: --output /proc/nope cannot be written (No such file or directory)"),
+        (["train", "--model", "tiny", "--output-dir", "/proc/forbidden"],
+         "error: --output-dir /proc/forbidden cannot be written (No such file or directory)"),
     ]:
         result = run_cli(*args)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == message, result.stderr[-2000:]
         assert "Traceback" not in result.stderr and " INFO " not in result.stderr  # refused before any work
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_completes(cache_env, tmp_path):
+    first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *TINY_BUDGET, "--output-dir", str(tmp_path)],
+                             cwd=ROOT, env={**os.environ, **cache_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").exists():  # the first run is writing
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    began = time.monotonic()
+    second = run_cli("train", *TINY_BUDGET, "--output-dir", tmp_path, env_extra=cache_env)
+    assert time.monotonic() - began < 30 and first.poll() is None
+    assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        f"error: {tmp_path} is in use by another run (process {first.pid}); wait for it to finish, "
+        "or choose another --output-dir"]
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert "| after GRPO |" in stdout and json.loads((tmp_path / "run_status.json").read_text()) == {"finished": True}
+    assert set(json.loads((tmp_path / "eval.json").read_text())["in_distribution"]) == {
+        "before_sft", "after_sft", "after_grpo"}
+    assert not (tmp_path / "earlier_runs").exists()  # the second run moved nothing
+    again = run_cli("infer", "--checkpoint", tmp_path / "reasoning_final", env_extra=cache_env)
+    assert again.returncode == 0
 
 
 def test_counts_at_their_limits_run_and_a_completion_past_the_context_is_refused(trained_run, cache_env):
