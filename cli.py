@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from shared.checkpoints import check_can_write, hold_output, is_out_of_memory, is_out_of_space
+from shared.checkpoints import check_can_write, hold_output, resource_error
 from shared.config import EvalConfig
 from shared.data import check_problem_count
 from shared.distributed import launched_processes
@@ -101,11 +101,6 @@ def train(**options) -> None:
         backend = make_backend(config.backend, options["micro_batch_size"])
         if backend.rank:  # one process of a data-parallel run logs the progress
             logger.setLevel(logging.WARNING)
-        logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode,
-                    config.output_dir)
-        if point:
-            logger.info("resuming from %s (%s step %d of %d)", point[1], point[0].phase.upper(), point[0].step,
-                        point[0].total_steps)
         results, out_of_distribution = run_training(config, backend, point)
         backend.close()
     if backend.rank:  # one process of a data-parallel run reports
@@ -160,9 +155,8 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
 def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_samples: int, log_level: str) -> None:
     """Run a checkpoint: demo (default), --interactive, or --batch."""
-    from shared.data import Problem, generate_problems, parse_problem
-    from shared.evaluation import complete
-    from shared.rewards import parse_answer
+    from shared.data import Problem, generate_problems, typed_problems
+    from shared.evaluation import complete, infer_report
     from backends import load_for_inference
 
     setup_logging(log_level)
@@ -174,29 +168,12 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
     settings = EvalConfig(max_new_tokens=256)  # greedy
     if interactive:
         click.echo("Type a sum like 23 + 15 + 8 (quit or Ctrl-D to stop).")
-        for line in sys.stdin:
-            if line.strip().lower() in ("quit", "exit"):
-                break
-            try:
-                problem = parse_problem(line)
-            except UserError as error:
-                click.echo(f"error: {error}")
-                continue
-            click.echo(complete(model, [problem], settings, label="infer")[0][0])
+        for problem in typed_problems(sys.stdin):
+            click.echo(problem if isinstance(problem, str) else complete(model, [problem], settings, label="infer")[0][0])
         return
     problems = (generate_problems(num_samples, 7, held_out=True) if batch
                 else [Problem((23, 15, 8)), Problem((12, 15, 3)), Problem((11, 22, 8))])
-    completions, _ = complete(model, problems, settings, label="infer")
-    correct = 0
-    for problem, completion in zip(problems, completions):
-        answer = parse_answer(completion)
-        correct += answer == problem.answer
-        if batch:
-            click.echo(f"{problem.prompt} = {problem.answer}: got {answer} {'✓' if answer == problem.answer else '✗'}")
-        else:
-            click.echo(f"Problem: {problem.prompt}\n\n{completion}\n")
-    if batch:
-        click.echo(f"accuracy: {correct}/{len(problems)} = {correct / len(problems):.1%}")
+    click.echo(infer_report(problems, complete(model, problems, settings, label="infer")[0], scored=batch))
 
 
 @cli.command("eval")
@@ -220,7 +197,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
                  log_level: str) -> None:
     """Score a checkpoint on held-out problems, in and out of distribution (greedy; pass@k sampled)."""
     from shared.data import OUT_OF_DISTRIBUTION, generate_problems
-    from shared.evaluation import evaluate, out_of_distribution_sets, paired_comparison, paired_line, results_table
+    from shared.evaluation import add_comparisons, evaluate, out_of_distribution_sets, results_table
     from shared.layouts import check_checkpoint, check_new_tokens
     from shared.prompts import encode_prompts
     from backends import load_for_inference
@@ -247,11 +224,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
         model = load_for_inference(compare, backend)
         baseline = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
         click.echo(f"\n{compare}\n" + results_table(baseline, first_column="problem set") + "\n")
-        for name, result in results.items():
-            paired = paired_comparison(baseline[name].solved, result.solved)
-            click.echo(f"{name.replace('_', ' ')}: " + paired_line(paired, str(compare), str(checkpoint)))
-            payload[name]["compared_with"] = {"checkpoint": str(compare), **baseline[name].summary(),
-                                              "solved": baseline[name].solved, "paired": paired}
+        click.echo(add_comparisons(payload, results, baseline, str(checkpoint), str(compare)))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(payload, indent=2))
@@ -299,8 +272,8 @@ def main() -> int:
     who = f"rank {os.environ.get('RANK', '?')}: " if launched_processes() > 1 else ""
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
         return 130
     except click.ClickException as error:  # bad flags and values: one line, exit 2
         click.echo(f"error: {who}{error.format_message()}", err=True)
@@ -311,25 +284,11 @@ def main() -> int:
     except UserError as error:
         click.echo(f"error: {who}{error}", err=True)
         return error.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
-    except OSError as error:
-        if not is_out_of_space(error):
+    except (OSError, MemoryError, RuntimeError) as error:
+        line = resource_error(error, data_parallel=bool(who))
+        if line is None:
             raise
-        where = f"to write {error.filename}" if error.filename else "on the disk"
-        click.echo(f"error: {who}no space left {where} ({error.strerror}); free some and run the command again "
-                   "(a train run continues from its last checkpoint)", err=True)
-        return 1
-    except (MemoryError, RuntimeError) as error:
-        if is_out_of_memory(error):
-            click.echo(f"error: {who}out of memory ({str(error).splitlines()[0][:120] or 'MemoryError'}); lower "
-                       "--group-size, --prompts-per-step, --sft-batch-size or --micro-batch-size (a train run "
-                       "continues from its last checkpoint)", err=True)
-            return 1
-        if not who or isinstance(error, MemoryError):  # else a collective failed: another process died
-            raise
-        click.echo(f"error: {who}lost the other processes ({str(error).splitlines()[0][:160]})", err=True)
+        click.echo(f"error: {who}{line}", err=True)
         return 1
     return 0
 

@@ -102,6 +102,22 @@ def is_out_of_space(error: BaseException) -> bool:
     return any(text in str(error) for text in ("No space left", "os error 28", "File too large", "os error 27"))
 
 
+def resource_error(error: BaseException, data_parallel: bool) -> str | None:
+    """The one line for a full disk, exhausted memory, or (in a data-parallel run) a collective that
+    failed because another process died; None for any other error."""
+    resumes = "(a train run continues from its last checkpoint)"
+    if is_out_of_space(error):
+        filename, reason = getattr(error, "filename", None), getattr(error, "strerror", None) or str(error)
+        return (f"no space left {f'to write {filename}' if filename else 'on the disk'} ({reason}); free some and "
+                f"run the command again {resumes}")
+    if is_out_of_memory(error):
+        return (f"out of memory ({str(error).splitlines()[0][:120] if str(error) else 'MemoryError'}); lower "
+                f"--group-size, --prompts-per-step, --sft-batch-size or --micro-batch-size {resumes}")
+    if data_parallel and isinstance(error, RuntimeError):
+        return f"lost the other processes ({str(error).splitlines()[0][:160]})"
+    return None
+
+
 def check_can_write(path: Path, flag: str, folder: bool) -> None:
     """Before any work: `path` can be written, as a folder or a file (or created, under its nearest
     existing parent)."""

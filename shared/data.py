@@ -5,6 +5,7 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from shared.errors import UsageError, UserError
 
@@ -109,3 +110,14 @@ def parse_problem(text: str) -> Problem:
     if not re.fullmatch(r"\d{1,30}( *\+ *\d{1,30})+", text, flags=re.ASCII):
         raise UserError("enter a sum of whole numbers (up to 30 digits each), like 23 + 15 + 8")
     return Problem(tuple(int(n) for n in text.split("+")))
+
+
+def typed_problems(lines: Iterable[str]) -> Iterator[Problem | str]:
+    """Sums typed one per line, until quit or exit: each a Problem, or the error line for what is not one."""
+    for line in lines:
+        if line.strip().lower() in ("quit", "exit"):
+            return
+        try:
+            yield parse_problem(line)
+        except UserError as error:
+            yield f"error: {error}"

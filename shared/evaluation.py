@@ -13,7 +13,7 @@ from shared.data import EVAL_SETS, Problem, generate_problems
 from shared.distributed import gather_shards, shard
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts
-from shared.rewards import RewardWeights, combined_reward, reward_components
+from shared.rewards import RewardWeights, combined_reward, parse_answer, reward_components
 
 
 @dataclass
@@ -143,3 +143,26 @@ def results_table(results: dict[str, EvalResult], first_column: str = "stage") -
             line += f" {result.pass_at_k:.1%} (k={result.k}) |" if result.pass_at_k is not None else " |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def add_comparisons(payload: dict, results: dict[str, EvalResult], baseline: dict[str, EvalResult], checkpoint: str,
+                    other: str) -> str:
+    """`eval --compare`: each problem set's paired difference of `checkpoint` against `other`, written into
+    `payload` (the --json content) beside the other's results; the lines to print."""
+    lines = []
+    for name, result in results.items():
+        paired = paired_comparison(baseline[name].solved, result.solved)
+        lines.append(f"{name.replace('_', ' ')}: " + paired_line(paired, other, checkpoint))
+        payload[name]["compared_with"] = {"checkpoint": other, **baseline[name].summary(),
+                                          "solved": baseline[name].solved, "paired": paired}
+    return "\n".join(lines)
+
+
+def infer_report(problems: list[Problem], completions: list[str], scored: bool) -> str:
+    """What `infer` prints: each problem with its reasoning, or (scored) a line per problem and the accuracy."""
+    if not scored:
+        return "\n".join(f"Problem: {p.prompt}\n\n{c}\n" for p, c in zip(problems, completions))
+    answers = [parse_answer(completion) for completion in completions]
+    lines = [f"{p.prompt} = {p.answer}: got {a} {'✓' if a == p.answer else '✗'}" for p, a in zip(problems, answers)]
+    correct = sum(a == p.answer for p, a in zip(problems, answers))
+    return "\n".join(lines + [f"accuracy: {correct}/{len(problems)} = {correct / len(problems):.1%}"])

@@ -63,6 +63,10 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     phase saving as it goes. Returns held-out results by stage and, after the last phase, by
     out-of-distribution set."""
     output = Path(config.output_dir)
+    logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode, output)
+    if resume:
+        logger.info("resuming from %s (%s step %d of %d)", resume[1], resume[0].phase.upper(), resume[0].step,
+                    resume[0].total_steps)
     state, resume_folder = resume if resume else (RunState(), None)
     start = None if resume else starting_model(config, backend)  # checked before anything is written
     writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
