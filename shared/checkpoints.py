@@ -148,21 +148,27 @@ def hold_output(folder: Path):
     if fcntl is None or launched_rank() != 0:  # in a data-parallel run the first process holds it
         yield
         return
-    folder = Path(folder)
+    folder, lock_file = Path(folder), Path(folder) / ".run.lock"
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".run.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    try:
+        with open(lock_file, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                raise UsageError(f"{folder} is in use by another run ({holder}); wait for it to finish, "
+                                 "or choose another --output-dir") from None
             lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise UsageError(f"{folder} is in use by another run ({holder}); wait for it to finish, "
-                             "or choose another --output-dir") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"process {os.getpid()}")
-        lock.flush()
-        yield
+            lock.truncate()
+            lock.write(f"process {os.getpid()}")
+            lock.flush()
+            yield
+    finally:
+        if created and [p.name for p in folder.iterdir()] == [lock_file.name]:  # refused before any work
+            lock_file.unlink()
+            folder.rmdir()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
