@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shared.checkpoints import write_atomically
 from shared.config import OPTION_FIELDS, RunConfig, config_field, option_values, run_config_from_options
 from shared.distributed import launched_processes
 from shared.errors import UsageError, UserError
@@ -101,10 +101,7 @@ def drop_older_periodic(output: Path, keep: Path) -> None:
 
 
 def write_run_status(output: Path, finished: bool) -> None:
-    path = Path(output) / RUN_STATUS_FILE
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(json.dumps({"finished": finished}))
-    os.replace(staging, path)
+    write_atomically(Path(output) / RUN_STATUS_FILE, json.dumps({"finished": finished}))
 
 
 def run_status(output: Path) -> bool | None:
