@@ -123,7 +123,9 @@ def flags_given() -> dict[str, str]:
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("./output/sweep"), show_default=True)
 @with_train_options
 def sweep(counts: str, **options) -> None:
-    """Rerun the pipeline per SFT sample count: the accuracy-vs-data table (sweep.md) and plot (sweep.png)."""
+    """Rerun the pipeline per SFT sample count: the accuracy-vs-data table (sweep.md) and plot (sweep.png).
+
+    The same command again continues an interrupted sweep; finished rows are read back."""
     from shared.config import run_config_from_options
     from shared.hardware import resolve_backend
     from shared.sweep import parse_counts, run_sweep, sweep_table
