@@ -12,7 +12,7 @@ from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.drafts import NgramDrafter
 from shared.grpo import policy_drift
-from shared.padding import TokenBatch, prefix_blocks
+from shared.padding import TokenBatch, prefix_blocks, rows_per_pass
 from shared.prompts import stop_token_ids
 from reasoning_torch.batching import micro_batches
 from reasoning_torch.distributed import (all_sum, join_process_group, leave_process_group, process_device,
@@ -92,16 +92,17 @@ class TorchBackend:
     def logprob_parts(self, model, batch: TokenBatch, temperature: float):
         """(rows, columns, their per-token log-probs) for each micro-batch: each distinct prompt run once
         (shared_prefix), or each row with its own copy of its prompt."""
+        rows = rows_per_pass(self.micro_batch_size, batch.input_ids.shape[1], self.model.config.vocab_size)
         if self.shared_prefix:
-            for block in prefix_blocks(batch, self.micro_batch_size):
+            for block in prefix_blocks(batch, rows):
                 with self.autocast():
                     logprobs = prefix_logprobs(model, block, self.device, temperature)
                 yield block.rows, block.columns, logprobs
             return
-        for rows, columns, part in self.parts(batch):
+        for part_rows, columns, part in self.parts(batch, rows):
             with self.autocast():
                 logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
-            yield rows, columns, logprobs
+            yield part_rows, columns, logprobs
 
     def reference_model(self):
         """The starting policy for the KL term: LoRA disabled, or a frozen copy of full weights."""
@@ -111,9 +112,10 @@ class TorchBackend:
             self.set_reference()
         return self.reference
 
-    def parts(self, batch: TokenBatch):
+    def parts(self, batch: TokenBatch, size: int | None = None):
         """(rows, columns, that part of the batch) for each micro-batch (rows of similar length)."""
-        for rows, columns in micro_batches(batch.attention_mask, self.micro_batch_size):
+        size = size or rows_per_pass(self.micro_batch_size, batch.input_ids.shape[1], self.model.config.vocab_size)
+        for rows, columns in micro_batches(batch.attention_mask, size):
             yield rows, columns, batch.part(rows, columns)
 
     def optimizer_step(self, lr: float, settings: SFTConfig | GRPOConfig) -> float:

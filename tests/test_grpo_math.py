@@ -61,3 +61,12 @@ def test_kl_term_adds_beta_times_kl():
     mask = np.ones((1, 2))
     loss = grpo_loss(new, old, np.array([0.0]), mask, beta=0.1, ref_logprobs=ref, variant="dapo")
     assert loss == pytest.approx(0.1 * (0.5 - np.log(0.5) - 1) / 2)
+
+
+def test_rows_per_pass_keeps_the_logits_of_a_pass_bounded():
+    from shared.padding import LOGITS_PER_PASS, rows_per_pass
+
+    assert rows_per_pass(64, 140, 49_152) == 9  # SmolLM2: a large vocabulary, few rows at a time
+    assert rows_per_pass(64, 200, 384) == 64  # the tiny model: the micro-batch size decides
+    assert rows_per_pass(64, 10**6, 151_936) == 1  # never none
+    assert 9 * 140 * 49_152 <= LOGITS_PER_PASS < 10 * 140 * 49_152
