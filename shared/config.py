@@ -129,7 +129,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "sft": {"num_samples": 1000, "epochs": 1, "batch_size": 4, "lr": 5e-4, "warmup_steps": 10},
         "grpo": {"num_prompts": 96, "group_size": 8, "prompts_per_step": 4, "lr": 2e-5, "temperature": 0.8,
                  "max_new_tokens": 160},
-        "eval": {"num_problems": 200, "max_new_tokens": 160, "batch_size": 100, "ood_problems": 100},
+        "eval": {"num_problems": 1000, "max_new_tokens": 160, "batch_size": 100, "ood_problems": 100},
     },
     "default": {},
 }
