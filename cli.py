@@ -171,7 +171,8 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
     if interactive:
         click.echo("Type a sum like 23 + 15 + 8 (quit or Ctrl-D to stop).")
         for problem in typed_problems(sys.stdin):
-            click.echo(problem if isinstance(problem, str) else complete(model, [problem], settings, label="infer")[0][0])
+            click.echo(problem if isinstance(problem, str) else
+                       complete(model, [problem], settings, label="infer")[0][0])
         return
     problems = (generate_problems(num_samples, 7, held_out=True) if batch
                 else [Problem((23, 15, 8)), Problem((12, 15, 3)), Problem((11, 22, 8))])

@@ -67,7 +67,8 @@ def test_train_full_writes_checkpoints_metrics_and_eval(trained_run):
         assert len(stage["solved"]) == 8 and stage["solved"].count("1") / 8 == stage["accuracy"]
     sft, grpo = (evaluation["in_distribution"][stage]["solved"] for stage in ("after_sft", "after_grpo"))
     paired = evaluation["grpo_vs_sft"]
-    assert (paired["gained"], paired["lost"]) == (sum(a > b for a, b in zip(grpo, sft)), sum(a < b for a, b in zip(grpo, sft)))
+    assert paired["gained"] == sum(a > b for a, b in zip(grpo, sft))
+    assert paired["lost"] == sum(a < b for a, b in zip(grpo, sft))
     assert "after GRPO vs after SFT on the same 8 problems" in report and "McNemar p" in result.stdout
     # no terminal here: progress comes as log lines, with the step, the loss or reward and the time left
     assert re.search(r" INFO SFT 3/3 steps \(100%\), loss [\d.]+, tokens/s \d+, elapsed \d+s, remaining 0s",
@@ -203,9 +204,9 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(trained
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_completes(cache_env, tmp_path):
-    first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *TINY_BUDGET, "--output-dir", str(tmp_path)],
-                             cwd=ROOT, env={**os.environ, **cache_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    command = [sys.executable, str(ROOT / "cli.py"), "train", *TINY_BUDGET, "--output-dir", str(tmp_path)]
+    first = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **cache_env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (tmp_path / "metrics.jsonl").exists():  # the first run is writing
         assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
