@@ -80,7 +80,7 @@ def mcnemar_p_value(gained: int, lost: int) -> float:
 
 
 def paired_line(comparison: dict, before: str, after: str) -> str:
-    """'after GRPO vs after SFT on the same 1,000 problems: +5.2 points (...), McNemar p = 0.0001'."""
+    """'after GRPO vs after SFT on the same N problems: +D points (solved only ...), McNemar p = P'."""
     return (f"{after} vs {before} on the same {comparison['problems']:,} problems: "
             f"{100 * comparison['difference']:+.1f} points (solved only {after}: {comparison['gained']}, "
             f"only {before}: {comparison['lost']}), McNemar p = {comparison['p_value']:.2g}")

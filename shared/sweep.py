@@ -11,6 +11,7 @@ from typing import Callable
 from shared.backend import Backend
 from shared.checkpoints import write_atomically
 from shared.config import RunConfig
+from shared.distributed import launched_rank
 from shared.errors import UsageError
 from shared.pipeline import run_training
 from shared.resume import is_unfinished, latest_resume_point, run_finished
@@ -58,7 +59,7 @@ def run_sweep(config: RunConfig, counts: list[int], new_backend: Callable[[], Ba
                 {"minutes": (time.perf_counter() - began) / 60, "continued": point is not None}))
             write_sweep(output, finished_rows(config), config)
     rows = finished_rows(config)
-    if rows:
+    if rows and launched_rank() == 0:
         write_sweep(output, rows, config)
     return rows
 
