@@ -92,17 +92,16 @@ class TorchBackend:
     def logprob_parts(self, model, batch: TokenBatch, temperature: float):
         """(rows, columns, their per-token log-probs) for each micro-batch: each distinct prompt run once
         (shared_prefix), or each row with its own copy of its prompt."""
-        rows = rows_per_pass(self.micro_batch_size, batch.input_ids.shape[1], self.model.config.vocab_size)
         if self.shared_prefix:
-            for block in prefix_blocks(batch, rows):
+            for block in prefix_blocks(batch, self.rows_per_pass(batch)):
                 with self.autocast():
                     logprobs = prefix_logprobs(model, block, self.device, temperature)
                 yield block.rows, block.columns, logprobs
             return
-        for part_rows, columns, part in self.parts(batch, rows):
+        for rows, columns, part in self.parts(batch):
             with self.autocast():
                 logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
-            yield part_rows, columns, logprobs
+            yield rows, columns, logprobs
 
     def reference_model(self):
         """The starting policy for the KL term: LoRA disabled, or a frozen copy of full weights."""
@@ -112,10 +111,12 @@ class TorchBackend:
             self.set_reference()
         return self.reference
 
-    def parts(self, batch: TokenBatch, size: int | None = None):
+    def rows_per_pass(self, batch: TokenBatch) -> int:
+        return rows_per_pass(self.micro_batch_size, batch.input_ids.shape[1], self.model.config.vocab_size)
+
+    def parts(self, batch: TokenBatch):
         """(rows, columns, that part of the batch) for each micro-batch (rows of similar length)."""
-        size = size or rows_per_pass(self.micro_batch_size, batch.input_ids.shape[1], self.model.config.vocab_size)
-        for rows, columns in micro_batches(batch.attention_mask, size):
+        for rows, columns in micro_batches(batch.attention_mask, self.rows_per_pass(batch)):
             yield rows, columns, batch.part(rows, columns)
 
     def optimizer_step(self, lr: float, settings: SFTConfig | GRPOConfig) -> float:
