@@ -14,7 +14,6 @@ import click
 
 from shared.checkpoints import check_can_write, hold_output, resource_error
 from shared.config import EvalConfig
-from shared.data import check_problem_count
 from shared.distributed import launched_processes
 from shared.errors import Interrupted, UserError
 from shared.grpo import LOSS_VARIANTS
@@ -37,6 +36,10 @@ TRAIN_OPTIONS = [
                  help="'tiny' (embedded, offline), 'smollm2' (pretrained, offline), a hub id or a local folder "
                  "[Qwen/Qwen2.5-0.5B; mode grpo: the --sft-checkpoint's]"),
     click.option("--seed", type=int, default=42, show_default=True),
+    click.option("--task", help="'addition', 'countdown' or a JSONL file (docs/tasks.md) [addition; mode grpo: the "
+                 "--sft-checkpoint's]"),
+    click.option("--reward-file", type=click.Path(path_type=Path),
+                 help="a Python file defining REWARDS = {name: (function, weight)}, added to the task's"),
     click.option("--sft-epochs", type=POSITIVE_INT, help="[preset]"),
     click.option("--sft-batch-size", type=POSITIVE_INT, help="[preset]"),
     click.option("--sft-lr", type=POSITIVE_FLOAT, help="peak learning rate [preset]"),
@@ -143,6 +146,7 @@ def sweep(counts: str, **options) -> None:
     click.echo(f"sweep.md, sweep.json, sweep.png and one folder per run are in {config.output_dir}")
 
 
+TASK = click.option("--task", "task_name", help="'addition', 'countdown' or a JSONL file [the checkpoint's]")
 CHECKPOINT = click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
                           help="a checkpoint folder, e.g. output/reasoning_final")
 BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
@@ -154,29 +158,33 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
 @click.option("--interactive", is_flag=True, help="type problems, read the reasoning")
 @click.option("--batch", is_flag=True, help="score N held-out problems and print a summary")
 @click.option("--num-samples", type=POSITIVE_INT, default=50, show_default=True, help="problems for --batch")
+@TASK
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
-def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_samples: int, log_level: str) -> None:
+def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_samples: int, task_name: str | None,
+          log_level: str) -> None:
     """Run a checkpoint: demo (default), --interactive, or --batch."""
-    from shared.data import Problem, generate_problems, typed_problems
     from shared.evaluation import complete, infer_report
+    from shared.task import typed_problems
+    from shared.task_registry import checkpoint_task
     from backends import load_for_inference
 
     setup_logging(log_level)
     if interactive and batch:
         raise click.UsageError("choose one of --interactive and --batch")
+    task = checkpoint_task(checkpoint, task_name, None)
     if batch:
-        check_problem_count("--num-samples", num_samples, held_out=True)
+        task.check_count("--num-samples", num_samples, "held_out")
     model = load_for_inference(checkpoint, backend)
-    settings = EvalConfig(max_new_tokens=256)  # greedy
+    settings = EvalConfig(max_new_tokens=max(256, task.completion_tokens))  # greedy
     if interactive:
-        click.echo("Type a sum like 23 + 15 + 8 (quit or Ctrl-D to stop).")
-        for problem in typed_problems(sys.stdin):
+        click.echo(task.typing_hint)
+        for problem in typed_problems(sys.stdin, task):
             click.echo(problem if isinstance(problem, str) else
                        complete(model, [problem], settings, label="infer")[0][0])
         return
-    problems = (generate_problems(num_samples, 7, held_out=True) if batch
-                else [Problem((23, 15, 8)), Problem((12, 15, 3)), Problem((11, 22, 8))])
-    click.echo(infer_report(problems, complete(model, problems, settings, label="infer")[0], scored=batch))
+    problems = task.held_out(num_samples, 7) if batch else task.demo_problems()
+    completions = complete(model, problems, settings, label="infer")[0]
+    click.echo(infer_report(task.rewards, problems, completions, scored=batch))
 
 
 @cli.command("eval")
@@ -185,7 +193,8 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 @click.option("--num-samples", type=POSITIVE_INT, default=200, show_default=True,
               help="held-out problems of the training shape")
 @click.option("--ood-samples", type=click.IntRange(min=0), default=200, show_default=True,
-              help="problems per out-of-distribution set: 2 operands, 4 operands, 3-digit operands (0: skip)")
+              help="problems per extra set: addition's 2 operands, 4 operands, 3-digit operands; a file's other "
+              "splits (0: skip)")
 @click.option("--samples-per-problem", type=POSITIVE_INT, default=1, show_default=True,
               help="k > 1 also reports pass@k: k sampled completions per problem")
 @click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True, help="for pass@k sampling")
@@ -194,20 +203,24 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
 @click.option("--compare", type=click.Path(path_type=Path),
               help="another checkpoint, scored on the same problems: the paired difference and McNemar's p")
+@TASK
+@click.option("--reward-file", type=click.Path(path_type=Path), help="rewards to add to the task's [the checkpoint's]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
 def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: int, samples_per_problem: int,
                  temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, compare: Path | None,
-                 log_level: str) -> None:
-    """Score a checkpoint on held-out problems, in and out of distribution (greedy; pass@k sampled)."""
-    from shared.data import OUT_OF_DISTRIBUTION, generate_problems
-    from shared.evaluation import add_comparisons, evaluate, out_of_distribution_sets, results_table
+                 task_name: str | None, reward_file: Path | None, log_level: str) -> None:
+    """Score a checkpoint on held-out problems and the task's extra sets (greedy; pass@k sampled)."""
+    from shared.evaluation import add_comparisons, evaluate, extra_sets, results_table
     from shared.layouts import check_checkpoint, check_new_tokens
     from shared.prompts import encode_prompts
+    from shared.task_registry import checkpoint_task
     from backends import load_for_inference
 
     setup_logging(log_level)
-    check_problem_count("--num-samples", num_samples, held_out=True)
-    check_problem_count("--ood-samples", ood_samples, held_out=True, shapes=OUT_OF_DISTRIBUTION)
+    task = checkpoint_task(checkpoint, task_name, reward_file)
+    task.check_count("--num-samples", num_samples, "held_out")
+    if task.extra_sets and ood_samples:
+        task.check_count("--ood-samples", ood_samples, "extra")
     if json_path:
         check_can_write(json_path, "--json", folder=False)
     if compare:
@@ -215,17 +228,17 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     model = load_for_inference(checkpoint, backend)
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
-    sets = {"in_distribution": generate_problems(num_samples, seed, held_out=True)}
-    if ood_samples:
-        sets.update(out_of_distribution_sets(ood_samples, seed))
+    sets = {"in_distribution": task.held_out(num_samples, seed), **extra_sets(task, ood_samples, seed)}
     longest_prompt = max(len(ids) for problems in sets.values() for ids in encode_prompts(model.tokenizer, problems))
     check_new_tokens("--max-new-tokens", max_new_tokens, longest_prompt, checkpoint)
-    results = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
+    results = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
+               for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
     payload = {name: {**r.summary(), "samples": r.samples, "solved": r.solved} for name, r in results.items()}
     if compare:
         model = load_for_inference(compare, backend)
-        baseline = {name: evaluate(model, problems, settings, label=f"eval {name}") for name, problems in sets.items()}
+        baseline = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
+                    for name, problems in sets.items()}
         click.echo(f"\n{compare}\n" + results_table(baseline, first_column="problem set") + "\n")
         click.echo(add_comparisons(payload, results, baseline, str(checkpoint), str(compare)))
     if json_path:

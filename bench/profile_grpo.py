@@ -43,6 +43,7 @@ def main() -> None:
     import reasoning_torch.backend as torch_backend
     from shared.config import build_run_config
     from shared.data import generate_problems
+    from shared.rewards import ADDITION_REWARDS
     from shared.training import train_grpo
 
     config = build_run_config({"model": {"name": args.preset}}, {})
@@ -57,7 +58,7 @@ def main() -> None:
     torch.Tensor.backward = timed(seconds, "backward", torch.Tensor.backward)
     records = []
     problems = generate_problems(config.grpo.prompts_per_step * (args.steps + 1), seed=1, held_out=False)
-    for step in train_grpo(backend, problems, config.grpo, 0, records.append):
+    for step in train_grpo(backend, problems, config.grpo, 0, records.append, rewards=ADDITION_REWARDS):
         if step == 1:  # the warm-up step is not counted
             seconds.clear()
     total = sum(r["step_s"] for r in records[1:])

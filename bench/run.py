@@ -167,6 +167,7 @@ def mlx_lm_sft(steps: int, finetune: str, model: str | None = None, batch_size: 
 def ours_grpo(steps: int, policy: str, preset: str = "tiny") -> dict:
     """GRPO steps with the preset's settings (the smollm2 preset trains new LoRA adapters on the policy)."""
     from shared.config import build_run_config
+    from shared.rewards import ADDITION_REWARDS
     from shared.training import train_grpo
     from backends import make_backend
 
@@ -177,7 +178,7 @@ def ours_grpo(steps: int, policy: str, preset: str = "tiny") -> dict:
     records = []
     per_step = config.grpo.prompts_per_step * config.grpo.group_size
     for _ in train_grpo(backend, problems(config.grpo.prompts_per_step * (steps + 1), seed=1), config.grpo, 0,
-                        records.append):
+                        records.append, rewards=ADDITION_REWARDS):
         pass
     durations = [r["step_s"] for r in records][1:]
     return {"step_s": sum(durations) / len(durations),
@@ -193,7 +194,9 @@ def trl_grpo(steps: int, policy: str, prompts: int = GRPO_PROMPTS, max_new: int 
     from trl import GRPOConfig, GRPOTrainer
 
     from shared.prompts import stop_token_ids
-    from shared.rewards import RewardWeights, combined_reward, reward_components
+    from shared.rewards import ADDITION_REWARDS
+    from shared.task import combined_reward, reward_components, reward_weights
+    from shared.addition import AdditionTask
 
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
@@ -202,7 +205,8 @@ def trl_grpo(steps: int, policy: str, prompts: int = GRPO_PROMPTS, max_new: int 
     by_prompt = {p.prompt: p for p in items}
 
     def reward(prompts, completions, **_):
-        return [combined_reward(reward_components(c[0]["content"], by_prompt[p[-1]["content"]]), RewardWeights())
+        return [combined_reward(reward_components(ADDITION_REWARDS, c[0]["content"], by_prompt[p[-1]["content"]]),
+                                reward_weights(AdditionTask()))
                 for p, c in zip(prompts, completions)]
 
     timing = step_timer()

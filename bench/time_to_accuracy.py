@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shared.config import build_run_config  # noqa: E402
 from shared.data import generate_problems  # noqa: E402
 from shared.evaluation import evaluate  # noqa: E402
+from shared.rewards import ADDITION_REWARDS  # noqa: E402
 from shared.pipeline import resolve_model  # noqa: E402
 from shared.progress import setup_logging  # noqa: E402
 from shared.training import train_grpo, train_sft  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
         if step % every:
             return
         clock["training_s"] += time.perf_counter() - clock["since"]
-        accuracy = evaluate(backend, held_out, config.eval, label="eval").accuracy
+        accuracy = evaluate(backend, ADDITION_REWARDS, held_out, config.eval, label="eval").accuracy
         curve.append({"phase": phase, "step": step, "minutes": clock["training_s"] / 60, "accuracy": accuracy})
         print(f"{phase:4s} step {step:5d}  {clock['training_s'] / 60:5.2f} min  accuracy {accuracy:.1%}", flush=True)
         if args.stop_at and accuracy >= args.stop_at:
@@ -65,7 +66,8 @@ def main() -> None:
         for step in train_sft(backend, sft_problems, config.sft, config.seed, lambda record: None):
             after_step("sft", step, args.eval_every)
         grpo_problems = generate_problems(config.grpo.num_prompts, config.seed + 1, held_out=False)
-        for step in train_grpo(backend, grpo_problems, config.grpo, config.seed, lambda record: None):
+        for step in train_grpo(backend, grpo_problems, config.grpo, config.seed, lambda record: None,
+                               rewards=ADDITION_REWARDS):
             after_step("grpo", step, max(1, args.eval_every // 10))
     except TargetReached:
         pass

@@ -5,11 +5,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from shared.data import OUT_OF_DISTRIBUTION, check_problem_count
 from shared.distributed import launched_processes
 from shared.errors import UsageError
+from shared.file_task import FileTask
 from shared.grpo import LOSS_VARIANTS
-from shared.rewards import RewardWeights
+from shared.task import Task, TaskConfig, reward_weights
+from shared.task_registry import load_task, task_config
 
 
 ADAM_BETAS = (0.9, 0.98)
@@ -62,7 +63,8 @@ class GRPOConfig:
     updates_per_batch: int = option(1, "optimiser steps on each batch of rollouts (ratio clipping acts from the 2nd)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    reward_weights: RewardWeights = option(RewardWeights(), "weights of the reward components")
+    reward_weights: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "weights of the reward components: the task's, recorded with the run"})
     save_every: int = option(20, "save a checkpoint to resume from every N steps (0: only at the end)")
 
 
@@ -83,6 +85,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -105,7 +108,7 @@ class RunConfig:
         for name, section in sections.items():
             values[name] = section(**values[name])
         values["model"].lora_targets = tuple(values["model"].lora_targets)
-        values["grpo"].reward_weights = RewardWeights(**values["grpo"].reward_weights)
+        values["task"] = TaskConfig(**values.get("task", {}))  # runs from before tasks were addition
         return cls(**values)
 
 
@@ -139,19 +142,34 @@ def preset_for(model_name: str) -> dict[str, dict]:
     return PRESETS.get(model_name, PRESETS["default"])
 
 
-def build_run_config(overrides: dict[str, dict], top_level: dict) -> RunConfig:
-    """Defaults, then the model's preset, then the user's explicit values."""
+def build_run_config(overrides: dict[str, dict], top_level: dict, fit_counts: tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the model's preset, then the user's explicit values; the task's reward weights.
+    `fit_counts` ("sft", "grpo"): counts the user did not give, lowered to what a file task has."""
     config = RunConfig(**top_level)
     config.model = ModelConfig(**overrides.get("model", {}))
     preset = preset_for(config.model.name)
     for section in ("model", "sft", "grpo", "eval"):
         values = {**preset.get(section, {}), **overrides.get(section, {})}
         setattr(config, section, type(getattr(config, section))(**values))
-    validate(config)
+    task = load_task(config.task)
+    config.grpo.reward_weights = reward_weights(task)
+    config.grpo.max_new_tokens = max(config.grpo.max_new_tokens, task.completion_tokens)
+    config.eval.max_new_tokens = max(config.eval.max_new_tokens, task.completion_tokens)
+    if isinstance(task, FileTask):
+        fit_to_file(config, task, fit_counts)
+    validate(config, task)
     return config
 
 
-def validate(config: RunConfig) -> None:
+def fit_to_file(config: RunConfig, task: FileTask, fit_counts: tuple[str, ...]) -> None:
+    """Counts left to the preset shrink to what the file has."""
+    if "sft" in fit_counts:
+        config.sft.num_samples = min(config.sft.num_samples, len(task.training_lines(for_sft=True))) or 1
+    if "grpo" in fit_counts:
+        config.grpo.num_prompts = min(config.grpo.num_prompts, len(task.training_lines(for_sft=False)))
+
+
+def validate(config: RunConfig, task: Task) -> None:
     positive = {
         "--num-samples": config.sft.num_samples, "--sft-epochs": config.sft.epochs,
         "--sft-batch-size": config.sft.batch_size, "--sft-lr": config.sft.lr,
@@ -172,17 +190,19 @@ def validate(config: RunConfig) -> None:
         raise UsageError("--mode grpo needs --sft-checkpoint PATH (a checkpoint from --mode sft)")
     if config.model.finetune not in ("lora", "full"):
         raise UsageError("--finetune must be lora or full")
-    check_problem_counts(config)
+    check_problem_counts(config, task)
     check_batches_fill_processes(config)
 
 
-def check_problem_counts(config: RunConfig) -> None:
+def check_problem_counts(config: RunConfig, task: Task) -> None:
     """Every problem count against the set it draws from, before any work."""
-    check_problem_count("--num-samples", config.sft.num_samples, held_out=False)
-    check_problem_count("--grpo-samples", config.grpo.num_prompts, held_out=False)
-    check_problem_count("--eval-samples", config.eval.num_problems, held_out=True)
-    check_problem_count("--eval-every-samples", config.eval.every_problems, held_out=True)
-    check_problem_count("--ood-samples", config.eval.ood_problems, held_out=True, shapes=OUT_OF_DISTRIBUTION)
+    if config.mode in ("sft", "full"):
+        task.check_count("--num-samples", config.sft.num_samples, "sft")
+    task.check_count("--grpo-samples", config.grpo.num_prompts, "grpo")
+    task.check_count("--eval-samples", config.eval.num_problems, "held_out")
+    task.check_count("--eval-every-samples", config.eval.every_problems, "held_out")
+    if task.extra_sets and config.eval.ood_problems:
+        task.check_count("--ood-samples", config.eval.ood_problems, "extra")
 
 
 def check_batches_fill_processes(config: RunConfig) -> None:
@@ -228,11 +248,14 @@ def run_config_from_options(options: dict, starting_settings: dict[str, dict] | 
     """The `train` command's options (None where not given) over `starting_settings` (the model and SFT
     settings of the checkpoint GRPO starts from) over the model's preset over the defaults."""
     sections: dict[str, dict] = {"model": {}, "sft": {}, "grpo": {}, "eval": {}}
-    for section, values in (starting_settings or {}).items():
+    starting_settings = dict(starting_settings or {})
+    starting_task = starting_settings.pop("task", None)
+    for section, values in starting_settings.items():
         sections[section].update(values)
     top_level = {"backend": options["backend"], "output_dir": str(options["output_dir"]),
                  "wandb_project": None if options["no_wandb"] else options["wandb_project"],
-                 "processes": launched_processes()}
+                 "processes": launched_processes(),
+                 "task": chosen_task(options["task"], options["reward_file"], starting_task)}
     for name, value in option_values(options).items():
         section, _, field_name = OPTION_FIELDS[name].rpartition(".")
         if not section:
@@ -241,5 +264,14 @@ def run_config_from_options(options: dict, starting_settings: dict[str, dict] | 
             sections[section][field_name] = value
     if options["save_every"] is not None:
         sections["sft"]["save_every"] = sections["grpo"]["save_every"] = options["save_every"]
-    return build_run_config(sections, top_level)
+    fit_counts = tuple(phase for phase, name in (("sft", "num_samples"), ("grpo", "grpo_samples"))
+                       if options[name] is None)
+    return build_run_config(sections, top_level, fit_counts)
+
+
+def chosen_task(name: str | None, reward_file: str | None, starting_task: dict | None) -> TaskConfig:
+    """--task and --reward-file; without --task, the task of the checkpoint GRPO starts from (else addition)."""
+    if name is None and starting_task:
+        return task_config(starting_task["name"], reward_file or starting_task.get("reward_file"))
+    return task_config(name or "addition", reward_file)
 

@@ -5,7 +5,6 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from shared.errors import UsageError, UserError
 
@@ -31,6 +30,16 @@ class Problem:
     @property
     def prompt(self) -> str:
         return "Calculate " + " + ".join(map(str, self.operands))
+
+    @property
+    def completion(self) -> str:
+        return reasoning_target(self)
+
+    def fields(self) -> dict:
+        return {"prompt": self.prompt, "answer": self.answer, "operands": list(self.operands)}
+
+    def where(self) -> str:
+        return f"problem {self.prompt!r}"
 
 
 def is_held_out(problem: Problem) -> bool:
@@ -100,24 +109,9 @@ def generate_problems(count: int, seed: int, *, held_out: bool, num_operands: in
 OUT_OF_DISTRIBUTION = tuple(name for name in EVAL_SETS if name != "in_distribution")
 
 
-def chat_messages(problem: Problem) -> list[dict[str, str]]:
-    return [{"role": "user", "content": problem.prompt}]
-
-
 def parse_problem(text: str) -> Problem:
     """'23 + 15 + 8' or 'Calculate 23 + 15 + 8' -> Problem; a one-line error otherwise."""
     text = re.sub(r"^\s*calculate\s+", "", text.strip(), flags=re.IGNORECASE)
     if not re.fullmatch(r"\d{1,30}( *\+ *\d{1,30})+", text, flags=re.ASCII):
         raise UserError("enter a sum of whole numbers (up to 30 digits each), like 23 + 15 + 8")
     return Problem(tuple(int(n) for n in text.split("+")))
-
-
-def typed_problems(lines: Iterable[str]) -> Iterator[Problem | str]:
-    """Sums typed one per line, until quit or exit: each a Problem, or the error line for what is not one."""
-    for line in lines:
-        if line.strip().lower() in ("quit", "exit"):
-            return
-        try:
-            yield parse_problem(line)
-        except UserError as error:
-            yield f"error: {error}"

@@ -1,5 +1,5 @@
-"""Evaluation on held-out problems, in and out of distribution: accuracy, format, step validity,
-verification, the reward breakdown, completion length, and pass@k with sampling."""
+"""Evaluation on held-out problems, in and out of distribution: accuracy, format, each reward component,
+completion length, and pass@k with sampling."""
 from __future__ import annotations
 
 import math
@@ -9,11 +9,10 @@ import numpy as np
 
 from shared.backend import Backend
 from shared.config import EvalConfig
-from shared.data import EVAL_SETS, Problem, generate_problems
 from shared.distributed import gather_shards, shard
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts
-from shared.rewards import RewardWeights, combined_reward, parse_answer, reward_components
+from shared.task import Reward, Task, TaskProblem, combined_reward, final_answer, reward_components
 
 
 @dataclass
@@ -21,8 +20,6 @@ class EvalResult:
     num_problems: int
     accuracy: float
     format_compliance: float
-    step_validity: float
-    verification: float
     mean_completion_tokens: float
     reward: float = 0.0
     reward_components: dict[str, float] = field(default_factory=dict)
@@ -35,26 +32,24 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if k not in ("samples", "solved")}
 
 
-def score_completions(problems: list[Problem], completions: list[str], lengths: list[int],
-                      keep_samples: int = 5) -> EvalResult:
+def score_completions(rewards: dict[str, Reward], problems: list[TaskProblem], completions: list[str],
+                      lengths: list[int], keep_samples: int = 5) -> EvalResult:
     """Metrics of completions against their problems (pure: no model involved)."""
-    components = [reward_components(text, problem) for text, problem in zip(completions, problems)]
+    components = [reward_components(rewards, text, problem) for text, problem in zip(completions, problems)]
 
     def mean(name: str) -> float:
         return float(np.mean([c[name] for c in components])) if components else 0.0
 
     samples = [{"prompt": p.prompt, "completion": c, "correct": bool(s["correctness"])}
                for p, c, s in list(zip(problems, completions, components))[:keep_samples]]
-    weights = RewardWeights()
+    weights = {name: reward.weight for name, reward in rewards.items()}
     return EvalResult(
         num_problems=len(problems),
         accuracy=mean("correctness"),
-        format_compliance=mean("format"),
-        step_validity=mean("step_validity"),
-        verification=mean("verification"),
+        format_compliance=mean("format") if "format" in rewards else 0.0,
         mean_completion_tokens=float(np.mean(lengths)) if lengths else 0.0,
         reward=float(np.mean([combined_reward(c, weights) for c in components])) if components else 0.0,
-        reward_components={name: mean(name) for name in (components[0] if components else {})},
+        reward_components={name: mean(name) for name in rewards},
         samples=samples,
         solved="".join("1" if c["correctness"] else "0" for c in components),
     )
@@ -86,14 +81,15 @@ def paired_line(comparison: dict, before: str, after: str) -> str:
             f"only {before}: {comparison['lost']}), McNemar p = {comparison['p_value']:.2g}")
 
 
-def pass_at_k(problems: list[Problem], completions: list[list[str]]) -> float:
+def pass_at_k(rewards: dict[str, Reward], problems: list[TaskProblem], completions: list[list[str]]) -> float:
     """Fraction of problems with at least one correct answer among their k samples (n = k, so exact)."""
-    solved = [any(reward_components(text, problem)["correctness"] for text in texts)
+    correct = rewards["correctness"].function
+    solved = [any(correct(text, problem) for text in texts)
               for problem, texts in zip(problems, completions)]
     return float(np.mean(solved)) if solved else 0.0
 
 
-def complete(backend: Backend, problems: list[Problem], config: EvalConfig, label: str, temperature: float = 0.0,
+def complete(backend: Backend, problems: list[TaskProblem], config: EvalConfig, label: str, temperature: float = 0.0,
              seed: int | None = None) -> tuple[list[str], list[int]]:
     """One completion per problem, in batches: texts and token counts. In a data-parallel run each
     process completes its share and every process gets them all."""
@@ -112,33 +108,37 @@ def complete(backend: Backend, problems: list[Problem], config: EvalConfig, labe
             gather_shards(lengths, rank, world_size, backend.all_sum))
 
 
-def evaluate(backend: Backend, problems: list[Problem], config: EvalConfig, label: str = "eval") -> EvalResult:
+def evaluate(backend: Backend, rewards: dict[str, Reward], problems: list[TaskProblem], config: EvalConfig,
+             label: str = "eval") -> EvalResult:
     """Greedy metrics; with config.samples_per_problem = k > 1, also pass@k at config.temperature."""
-    result = score_completions(problems, *complete(backend, problems, config, label))
+    result = score_completions(rewards, problems, *complete(backend, problems, config, label))
     k = config.samples_per_problem
     if k > 1:
         repeated = [p for p in problems for _ in range(k)]
         texts, _ = complete(backend, repeated, config, f"{label} pass@{k}", config.temperature, seed=config.seed)
-        result.pass_at_k, result.k = pass_at_k(problems, [texts[i * k:(i + 1) * k] for i in range(len(problems))]), k
+        result.pass_at_k = pass_at_k(rewards, problems, [texts[i * k:(i + 1) * k] for i in range(len(problems))])
+        result.k = k
     return result
 
 
-def out_of_distribution_sets(count: int, seed: int) -> dict[str, list[Problem]]:
-    """Held-out problems of each out-of-distribution shape (2 or 4 operands, 3-digit operands)."""
-    return {name: generate_problems(count, seed, held_out=True, **shape)
-            for name, shape in EVAL_SETS.items() if name != "in_distribution"}
+def extra_sets(task: Task, count: int, seed: int) -> dict[str, list[TaskProblem]]:
+    """The task's evaluation sets beyond the held-out one (addition: 2 or 4 operands, 3-digit operands)."""
+    return {name: task.extra_set(name, count, seed) for name in task.extra_sets} if count else {}
 
 
 def results_table(results: dict[str, EvalResult], first_column: str = "stage") -> str:
     """Markdown table, a row per stage (before SFT / after SFT / after GRPO) or per problem set
-    (`two_operands` shows as "two operands")."""
+    (`two_operands` shows as "two operands"): accuracy, format, the task's other rewards, the combined reward."""
     with_pass = any(r.pass_at_k is not None for r in results.values())
-    header = f"| {first_column} | accuracy | format | step validity | verification | reward | mean tokens |"
-    lines = [header + (" pass@k |" if with_pass else ""), "|---" * (8 if with_pass else 7) + "|"]
+    others = [name for name in next(iter(results.values())).reward_components if name not in ("correctness", "format")] \
+        if results else []
+    header = f"| {first_column} | accuracy | format | " + "".join(f"{n.replace('_', ' ')} | " for n in others)
+    header += "reward | mean tokens |" + (" pass@k |" if with_pass else "")
+    lines = [header, "|---" * (5 + len(others) + with_pass) + "|"]
     for stage, result in results.items():
         line = (f"| {stage.replace('_', ' ')} | {result.accuracy:.1%} | {result.format_compliance:.1%} | "
-                f"{result.step_validity:.1%} | {result.verification:.1%} | {result.reward:.2f} | "
-                f"{result.mean_completion_tokens:.0f} |")
+                + "".join(f"{result.reward_components.get(n, 0.0):.1%} | " for n in others)
+                + f"{result.reward:.2f} | {result.mean_completion_tokens:.0f} |")
         if with_pass:
             line += f" {result.pass_at_k:.1%} (k={result.k}) |" if result.pass_at_k is not None else " |"
         lines.append(line)
@@ -158,11 +158,12 @@ def add_comparisons(payload: dict, results: dict[str, EvalResult], baseline: dic
     return "\n".join(lines)
 
 
-def infer_report(problems: list[Problem], completions: list[str], scored: bool) -> str:
+def infer_report(rewards: dict[str, Reward], problems: list[TaskProblem], completions: list[str], scored: bool
+                 ) -> str:
     """What `infer` prints: each problem with its reasoning, or (scored) a line per problem and the accuracy."""
     if not scored:
         return "\n".join(f"Problem: {p.prompt}\n\n{c}\n" for p, c in zip(problems, completions))
-    answers = [parse_answer(completion) for completion in completions]
-    lines = [f"{p.prompt} = {p.answer}: got {a} {'✓' if a == p.answer else '✗'}" for p, a in zip(problems, answers)]
-    correct = sum(a == p.answer for p, a in zip(problems, answers))
-    return "\n".join(lines + [f"accuracy: {correct}/{len(problems)} = {correct / len(problems):.1%}"])
+    correct = [bool(rewards["correctness"].function(c, p)) for p, c in zip(problems, completions)]
+    lines = [f"{p.prompt} = {p.answer}: got {final_answer(c)} {'✓' if right else '✗'}"
+             for p, c, right in zip(problems, completions, correct)]
+    return "\n".join(lines + [f"accuracy: {sum(correct)}/{len(problems)} = {sum(correct) / len(problems):.1%}"])

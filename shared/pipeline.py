@@ -1,6 +1,8 @@
 """The whole run: evaluate, SFT, evaluate, GRPO, evaluate; checkpoints, metrics and eval.json."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -13,16 +15,16 @@ import numpy as np
 from shared.backend import Backend
 from shared.checkpoints import save_checkpoint
 from shared.config import ModelConfig, RunConfig
-from shared.data import Problem, generate_problems
 from shared.errors import Interrupted
-from shared.evaluation import (EvalResult, evaluate, out_of_distribution_sets, paired_comparison, paired_line,
-                              results_table)
+from shared.evaluation import EvalResult, evaluate, extra_sets, paired_comparison, paired_line, results_table
 from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
 from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
 from shared.report import write_report
 from shared.run_records import start_records
 from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState, drop_older_periodic,
                            latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt, write_run_status)
+from shared.task import RewardFailed, Task, TaskProblem
+from shared.task_registry import load_task
 from shared.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from shared.tracking import MetricsLog
 from shared.training import summed, train_grpo, train_sft
@@ -54,7 +56,8 @@ class Run:
     output: Path
     metrics: MetricsLog
     state: RunState
-    eval_problems: list[Problem]
+    task: Task
+    eval_problems: list[TaskProblem]
 
 
 def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Path] | None = None
@@ -63,7 +66,8 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     phase saving as it goes. Returns held-out results by stage and, after the last phase, by
     out-of-distribution set."""
     output = Path(config.output_dir)
-    logger.info("backend %s, model %s, mode %s, output %s", backend.name, config.model.name, config.mode, output)
+    logger.info("backend %s, model %s, task %s, mode %s, output %s", backend.name, config.model.name,
+                config.task.name, config.mode, output)
     if resume:
         logger.info("resuming from %s (%s step %d of %d)", resume[1], resume[0].phase.upper(), resume[0].step,
                     resume[0].total_steps)
@@ -79,8 +83,8 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
         (output / "run_config.json").write_text(config.to_json())
     metrics = MetricsLog(output / "metrics.jsonl", config.wandb_project, json.loads(config.to_json()),
                          keep_records=state.metrics_records, writes=writes)
-    run = Run(config, backend, output, metrics, state,
-              generate_problems(config.eval.num_problems, config.seed, held_out=True))
+    task = load_task(config.task)
+    run = Run(config, backend, output, metrics, state, task, task.held_out(config.eval.num_problems, config.seed))
     out_of_distribution: dict[str, EvalResult] = {}
     try:
         if resume_folder:
@@ -105,7 +109,7 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
             if "after_grpo" not in state.results:
                 evaluate_stage(run, "after_grpo")
         if config.eval.ood_problems:
-            for name, problems in out_of_distribution_sets(config.eval.ood_problems, config.seed).items():
+            for name, problems in extra_sets(task, config.eval.ood_problems, config.seed).items():
                 out_of_distribution[name] = evaluate_and_log(run, f"ood_{name}", name.replace("_", " "), problems)
     except KeyboardInterrupt:  # outside a training loop (an evaluation, a load): the last resume point stands
         hint = (f"continue with: python cli.py train --resume --output-dir {output}" if latest_resume_point(output)
@@ -147,16 +151,18 @@ def train_phase(run: Run, phase: str) -> None:
     config, state = run.config, run.state
     settings = getattr(config, phase)
     if phase == "sft":
-        problems = generate_problems(config.sft.num_samples, config.seed, held_out=False)
+        problems = run.task.training_problems(config.sft.num_samples, config.seed, for_sft=True)
         steps, batch_size = train_sft, config.sft.batch_size
     else:
-        problems = generate_problems(config.grpo.num_prompts, config.seed + 1, held_out=False)
-        steps, batch_size = train_grpo, config.grpo.prompts_per_step
+        problems = run.task.training_problems(config.grpo.num_prompts, config.seed + 1, for_sft=False)
+        batch_size = config.grpo.prompts_per_step
+        steps = functools.partial(train_grpo, rewards=run.task.rewards)
     total = phase_steps(len(problems), batch_size, settings.epochs)
     start_step = state.step if state.phase == phase else 0
     carried, began = (state.timings.get(f"{phase}_s", 0.0) if start_step else 0.0), time.perf_counter()
-    with stop_on_interrupt() as stop:
+    with stop_on_interrupt() as stop, saved_when_a_reward_fails(run, phase, total, start_step, carried, began) as done:
         for step in steps(run.backend, problems, settings, config.seed, run.metrics, start_step):
+            done.append(step)
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
                 evaluate_and_log(run, phase, f"{phase} step {step}", run.eval_problems[:config.eval.every_problems],
                                  step)
@@ -175,6 +181,25 @@ def train_phase(run: Run, phase: str) -> None:
                           f"continue with: python cli.py train --resume --output-dir {run.output}")
 
 
+@contextlib.contextmanager
+def saved_when_a_reward_fails(run: Run, phase: str, total: int, start_step: int, carried: float, began: float):
+    """A reward function that fails stops the phase with a resume point at the last finished step, to continue
+    from once the reward file is fixed. Yields the list the loop adds each finished step to."""
+    done: list[int] = []
+    try:
+        yield done
+    except RewardFailed as error:
+        last = done[-1] if done else start_step
+        if not 0 < last < total:
+            raise
+        folder = periodic_folder(run.output, phase, last)
+        save(run, folder, phase, last, total, carried + time.perf_counter() - began)
+        if run.backend.rank == 0:
+            drop_older_periodic(run.output, keep=folder)
+        raise RewardFailed(f"{error}; saved {folder}; fix it, then continue with: python cli.py train --resume "
+                           f"--output-dir {run.output}") from None
+
+
 def stop_agreed(run: Run, requested: bool) -> bool:
     """Ctrl-C stops every process of a run at the same step, if any of them got it."""
     return bool(summed(run.backend, float(requested))[0])
@@ -186,9 +211,9 @@ def evaluate_stage(run: Run, stage: str) -> None:
     run.state.results[stage] = evaluate_and_log(run, stage, STAGE_LABELS[stage], problems)
 
 
-def evaluate_and_log(run: Run, stage: str, label: str, problems: list[Problem], step: int | None = None
+def evaluate_and_log(run: Run, stage: str, label: str, problems: list[TaskProblem], step: int | None = None
                      ) -> EvalResult:
-    result = evaluate(run.backend, problems, run.config.eval, label=f"eval {label}")
+    result = evaluate(run.backend, run.task.rewards, problems, run.config.eval, label=f"eval {label}")
     run.metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary()})
     run.metrics.samples(stage if step is None else f"{stage}_step_{step}", result.samples)
     logger.info("%s: accuracy %.1f%%, format %.1f%%", label, 100 * result.accuracy, 100 * result.format_compliance)

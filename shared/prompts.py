@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.data import Problem, chat_messages, reasoning_target
+from shared.task import TaskProblem
 from shared.tiny_model import CHAT_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
@@ -38,7 +38,11 @@ def stop_token_ids(tokenizer: Any) -> set[int]:
     return {end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None}
 
 
-def prompt_texts(tokenizer: Any, problems: list[Problem]) -> list[str]:
+def chat_messages(problem: TaskProblem) -> list[dict[str, str]]:
+    return [{"role": "user", "content": problem.prompt}]
+
+
+def prompt_texts(tokenizer: Any, problems: list[TaskProblem]) -> list[str]:
     """Each problem through the chat template; rendered once around a placeholder (jinja is slow)."""
     placeholder = "\x00problem\x00"
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": placeholder}],
@@ -50,22 +54,22 @@ def prompt_texts(tokenizer: Any, problems: list[Problem]) -> list[str]:
     return [prefix + p.prompt + suffix for p in problems]
 
 
-def encode_prompts(tokenizer: Any, problems: list[Problem]) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, problems: list[TaskProblem]) -> list[list[int]]:
     return tokenizer(prompt_texts(tokenizer, problems), add_special_tokens=False)["input_ids"]
 
 
-def encode_targets(tokenizer: Any, problems: list[Problem]) -> list[list[int]]:
+def encode_targets(tokenizer: Any, problems: list[TaskProblem]) -> list[list[int]]:
     """SFT completions: the reasoning trace, then the end-of-turn token so the model learns to stop."""
     end = end_of_turn_id(tokenizer)
-    encoded = tokenizer([reasoning_target(p) for p in problems], add_special_tokens=False)["input_ids"]
+    encoded = tokenizer([p.completion for p in problems], add_special_tokens=False)["input_ids"]
     return [ids + [end] for ids in encoded]
 
 
-def prompt_ids(tokenizer: Any, problem: Problem) -> list[int]:
+def prompt_ids(tokenizer: Any, problem: TaskProblem) -> list[int]:
     return encode_prompts(tokenizer, [problem])[0]
 
 
-def target_ids(tokenizer: Any, problem: Problem) -> list[int]:
+def target_ids(tokenizer: Any, problem: TaskProblem) -> list[int]:
     return encode_targets(tokenizer, [problem])[0]
 
 

@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from shared.evaluation import EvalResult, paired_line, results_table
-from shared.rewards import RewardWeights
 
 logger = logging.getLogger("local_reasoning")
-REWARD_WEIGHTS = asdict(RewardWeights())
-REWARD_NAMES = tuple(REWARD_WEIGHTS)
 
 
 def global_steps(records: list[dict]) -> list[int]:
@@ -34,8 +30,8 @@ def moving_average(values: list[float], window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def write_plots(records: list[dict], folder: Path) -> list[Path]:
-    """loss.png, rewards.png (GRPO), accuracy.png: whichever the records have data for."""
+def write_plots(records: list[dict], folder: Path, reward_weights: dict[str, float]) -> list[Path]:
+    """loss.png, rewards.png (GRPO: each of the task's rewards), accuracy.png: whichever the records have data for."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -67,10 +63,11 @@ def write_plots(records: list[dict], folder: Path) -> list[Path]:
         steps = [r["step"] for r in phases["grpo"]]
         window = max(1, len(steps) // 20)
         styles = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))  # distinct, since components often coincide
-        for name, style in zip(REWARD_NAMES, styles):
+        for index, name in enumerate(reward_weights):
             values = [r.get(f"reward_{name}", np.nan) for r in phases["grpo"]]
-            axis.plot(steps[window - 1:], moving_average(values, window), linestyle=style, linewidth=2, label=name)
-        combined = [r["reward"] / sum(REWARD_WEIGHTS.values()) for r in phases["grpo"]]
+            axis.plot(steps[window - 1:], moving_average(values, window), linestyle=styles[index % len(styles)],
+                      linewidth=2, label=name)
+        combined = [r["reward"] / sum(reward_weights.values()) for r in phases["grpo"]]
         axis.plot(steps[window - 1:], moving_average(combined, window), color="black", linewidth=1,
                   label="combined / max")
         axis.set(title=f"GRPO rewards per component (mean of {window} steps)", xlabel="GRPO step",
@@ -133,13 +130,14 @@ def write_report(output: Path, run_config_json: str, records: list[dict], result
                  out_of_distribution: dict[str, EvalResult], timings: dict[str, float],
                  stage_labels: dict[str, str], grpo_gain: dict | None = None) -> Path:
     output = Path(output)
-    plots = write_plots(records, output / "plots")
     config = json.loads(run_config_json)
+    plots = write_plots(records, output / "plots", config["grpo"]["reward_weights"])
     minutes = ", ".join(f"{name.removesuffix('_s').upper()} {seconds / 60:.1f} min"
                         for name, seconds in timings.items())
     lines = [
         "# Training report", "",
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · model `{config['model']['name']}` · backend "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · model `{config['model']['name']}` · task "
+        f"`{config.get('task', {}).get('name', 'addition')}` · backend "
         f"`{config['backend']}` · mode `{config['mode']}` · {minutes or 'no training'}", "",
         f"## Held-out problems ({next(iter(results.values())).num_problems if results else 0}, greedy)", "",
         results_table({stage_labels[s]: r for s, r in results.items()}), "",

@@ -25,6 +25,7 @@ from shared.evaluation import EvalResult
 from shared.hardware import resolve_backend
 from shared.layouts import RUN_CONFIG_FILE, checkpoint_kind
 from shared.lora_files import read_adapter
+from shared.task import existing_file, file_sha256
 
 STATE_FILE = "training_state.json"
 RUN_STATUS_FILE = "run_status.json"
@@ -163,7 +164,7 @@ def checkpoint_settings(folder: Path, options: dict, given: dict[str, str]) -> d
             value, source = fixed[path]
             raise UsageError(f"{given[name]} {options[name]} contradicts {folder}, whose {path.split('.')[1]} is "
                              f"{value!r} ({source}): leave {given[name]} out, GRPO continues with the checkpoint's")
-    return {"model": model, "sft": saved.get("sft", {})}
+    return {"model": model, "sft": saved.get("sft", {}), "task": saved.get("task")}
 
 
 def same_setting(given, saved) -> bool:
@@ -189,6 +190,7 @@ def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig,
         if name in given and value != saved and not (name == "trust_remote_code" and not saved):
             raise UsageError(f"{given[name]} {value} differs from the run's {saved} ({output}/run_config.json); "
                              "--resume continues with the run's own settings")
+    resumed_task(config, options, output)
     if config.processes != launched_processes():
         raise UsageError(f"this run trained with {config.processes} process(es); resume it with the same number "
                          f"(it was launched with {launched_processes()})")
@@ -200,6 +202,21 @@ def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig,
     if options["no_wandb"] or options["wandb_project"]:
         config.wandb_project = None if options["no_wandb"] else options["wandb_project"]
     return config, point
+
+
+def resumed_task(config: RunConfig, options: dict, output: Path) -> None:
+    """--resume continues the run's own task on the same file; a reward file is read again (fixing one that
+    failed is a reason to resume)."""
+    task = config.task
+    for name, flag, saved in (("task", "--task", task.name), ("reward_file", "--reward-file", task.reward_file)):
+        if options[name] is not None and not same_setting(options[name], saved):
+            raise UsageError(f"{flag} {options[name]} differs from the run's {saved} ({output}/run_config.json); "
+                             "--resume continues with the run's own task")
+    if task.sha256 and file_sha256(existing_file(task.name, "the run's task", "the file it trained on")) != task.sha256:
+        raise UserError(f"{task.name} changed since the run started; --resume needs the same file (or start a new "
+                        "run in another --output-dir)")
+    if task.reward_file:
+        task.reward_file_sha256 = file_sha256(existing_file(task.reward_file, "the run's --reward-file", "a Python file"))
 
 
 def unfinished_run_to_continue(config: RunConfig) -> tuple[RunState, Path] | None:

@@ -1,10 +1,10 @@
-"""Reward functions: plain functions of (completion text, problem), combined by one weighted sum."""
+"""The addition task's reward functions: plain functions of (completion text, problem), and their weights."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
 
 from shared.data import Problem
+from shared.task import Reward
 
 # Sampled text can hold any byte: ASCII classes keep \s and \d to what int() parses (not \x1f or other
 # Unicode "spaces" and digits), and numbers are bounded, since int() refuses over 4300 digits.
@@ -79,29 +79,11 @@ def think_body(completion: str) -> str:
     return completion[start + len("<think>"): end if end > start else len(completion)]
 
 
-@dataclass(frozen=True)
-class RewardWeights:
-    """Weights of the combined reward; correctness is weighted highest."""
-    correctness: float = 1.0
-    format: float = 0.2
-    steps: float = 0.1
-    verification: float = 0.1
-    step_validity: float = 0.2
-
-
-REWARD_FUNCTIONS = {
-    "correctness": correctness_reward,
-    "format": format_reward,
-    "steps": steps_reward,
-    "verification": verification_reward,
-    "step_validity": step_validity_reward,
+# correctness is weighted highest; the weighted sum is at most 1.6
+ADDITION_REWARDS = {
+    "correctness": Reward(correctness_reward, 1.0),
+    "format": Reward(format_reward, 0.2),
+    "steps": Reward(steps_reward, 0.1),
+    "verification": Reward(verification_reward, 0.1),
+    "step_validity": Reward(step_validity_reward, 0.2),
 }
-
-
-def reward_components(completion: str, problem: Problem) -> dict[str, float]:
-    return {name: function(completion, problem) for name, function in REWARD_FUNCTIONS.items()}
-
-
-def combined_reward(components: dict[str, float], weights: RewardWeights) -> float:
-    """The GRPO reward: sum of weight * component, at most the sum of the weights (1.6 by default)."""
-    return sum(getattr(weights, field.name) * components[field.name] for field in fields(weights))

@@ -10,7 +10,6 @@ import numpy as np
 
 from shared.backend import Backend, GRPOBatch
 from shared.config import GRPOConfig, SFTConfig
-from shared.data import Problem
 from shared.distributed import gather_shards, shard
 from shared.errors import DivergedError
 from shared.grpo import group_advantages, rows_with_signal
@@ -18,7 +17,7 @@ from shared.padding import pack_batch
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts, encode_targets
 from shared.resume import phase_steps, step_seed
-from shared.rewards import combined_reward, reward_components
+from shared.task import Reward, TaskProblem, combined_reward, reward_components
 
 Log = Callable[[dict], None]
 
@@ -54,7 +53,7 @@ def shuffled_batches(count: int, batch_size: int, epochs: int, seed: int, skip: 
         yield step, epoch, indices
 
 
-def train_sft(backend: Backend, problems: list[Problem], config: SFTConfig, seed: int, log: Log,
+def train_sft(backend: Backend, problems: list[TaskProblem], config: SFTConfig, seed: int, log: Log,
               start_step: int = 0) -> Iterator[int]:
     """Cross-entropy on the reference completions, yielding each finished step; a resumed run passes
     the steps it finished."""
@@ -108,13 +107,14 @@ def decoding_stats(counts: dict) -> dict:
             "tokens_per_forward": 1 + counts["accepted"] / max(counts["row_forwards"], 1)}
 
 
-def score_group(texts: list[str], problem: Problem, config: GRPOConfig) -> tuple[list[float], list[dict]]:
-    components = [reward_components(text, problem) for text in texts]
-    return [combined_reward(c, config.reward_weights) for c in components], components
+def score_group(texts: list[str], problem: TaskProblem, rewards: dict[str, Reward]) -> tuple[list[float], list[dict]]:
+    components = [reward_components(rewards, text, problem) for text in texts]
+    weights = {name: reward.weight for name, reward in rewards.items()}
+    return [combined_reward(c, weights) for c in components], components
 
 
-def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, seed: int, log: Log,
-               start_step: int = 0) -> Iterator[int]:
+def train_grpo(backend: Backend, problems: list[TaskProblem], config: GRPOConfig, seed: int, log: Log,
+               start_step: int = 0, *, rewards: dict[str, Reward]) -> Iterator[int]:
     """Sample G completions per prompt, score them, and push toward the better ones of each group;
     yields each finished step."""
     tokenizer = backend.tokenizer
@@ -133,13 +133,13 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
                 raise diverged("GRPO", step, str(error), "--grpo-lr") from None
             texts = [decode_completion(tokenizer, c) for c in completions]
             decoding = decoding_stats(backend.generation_stats)
-            rewards, components = [], []
+            scores, components = [], []
             for index, problem in enumerate(chosen):
                 group = slice(index * config.group_size, (index + 1) * config.group_size)
-                group_rewards, group_components = score_group(texts[group], problem, config)
-                rewards.append(group_rewards)
+                group_rewards, group_components = score_group(texts[group], problem, rewards)
+                scores.append(group_rewards)
                 components += group_components
-            advantages = group_advantages(np.array(rewards), scale_by_std=config.loss_variant != "dr_grpo")
+            advantages = group_advantages(np.array(scores), scale_by_std=config.loss_variant != "dr_grpo")
             advantages = advantages.ravel().astype(np.float32)
             trained = rows_with_signal(advantages, config.beta)
             rollout_seconds = time.perf_counter() - began
@@ -165,18 +165,18 @@ def train_grpo(backend: Backend, problems: list[Problem], config: GRPOConfig, se
                 if backend.world_size > 1:  # loss adds up over processes; the token fractions are averaged
                     loss, clipped, kl = summed(backend, stats["loss"], stats["clip_fraction"], stats["kl"])
                     stats.update(loss=loss, clip_fraction=clipped / backend.world_size, kl=kl / backend.world_size)
-            rewards = gather_shards(rewards, backend.rank, backend.world_size, backend.all_sum)
+            scores = gather_shards(scores, backend.rank, backend.world_size, backend.all_sum)
             components = every_group(backend, components, config.group_size)
             lengths = every_group(backend, [len(c) for c in completions], config.group_size)
             means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
             tokens_per_s = summed(backend, sum(len(p) + len(c) for p, c in zip(prompts, completions)))[0] / \
                 (time.perf_counter() - began)
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
-                 "reward": float(np.mean(rewards)), **means,
+                 "reward": float(np.mean(scores)), **means,
                  "completion_tokens": float(np.mean(lengths)),
                  "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds, **decoding,
                  "step_s": time.perf_counter() - began, "tokens_per_s": tokens_per_s, **processes(backend)})
-            bar.set_postfix({"reward": f"{np.mean(rewards):.3f}", "correct": f"{means['reward_correctness']:.2f}",
+            bar.set_postfix({"reward": f"{np.mean(scores):.3f}", "correct": f"{means['reward_correctness']:.2f}",
                              "tokens/s": f"{tokens_per_s:.0f}"})
             bar.update()
             yield step

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["shared.errors", "shared.progress", "shared.grpo", "shared.padding", "shared.drafts", "shared.tensor_files",
      "shared.tracking", "shared.distributed"],
-    ["shared.data", "shared.rewards", "shared.config", "shared.layouts"],
+    ["shared.task", "shared.data", "shared.rewards", "shared.addition", "shared.countdown", "shared.file_task",
+     "shared.reward_file", "shared.task_registry", "shared.config", "shared.layouts"],
     ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",
      "shared.tiny_model", "shared.gguf_import", "shared.pretrained", "shared.prompts"],
     ["shared.backend", "shared.evaluation", "shared.report", "shared.resume", "shared.run_records", "shared.training"],

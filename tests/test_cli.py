@@ -515,17 +515,19 @@ def test_a_diverging_grpo_update_stops_at_its_step(backend_name, tiny_model_dir,
     from shared.config import GRPOConfig, ModelConfig
     from shared.data import generate_problems
     from shared.errors import DivergedError
+    from shared.rewards import ADDITION_REWARDS
     from backends import make_backend
 
-    monkeypatch.setattr(training, "score_group", lambda texts, problem, config: (
-        [float(i % 2) for i in range(len(texts))], [training.reward_components(t, problem) for t in texts]))
+    monkeypatch.setattr(training, "score_group", lambda texts, problem, rewards: (
+        [float(i % 2) for i in range(len(texts))], [training.reward_components(rewards, t, problem) for t in texts]))
     backend = make_backend(backend_name)
     backend.load(tiny_model_dir, ModelConfig(name="tiny", finetune="full"), trainable=True)
     settings = GRPOConfig(num_prompts=4, group_size=2, prompts_per_step=2, lr=1e30, max_new_tokens=16, save_every=0)
     records = []
     # Adam's first step moves each weight by about lr: 1e30 is still finite, the next step's sampling is not
     with pytest.raises(DivergedError, match=r"^GRPO diverged at step [12] ") as stopped:
-        for _ in training.train_grpo(backend, generate_problems(4, 0, held_out=False), settings, 0, records.append):
+        for _ in training.train_grpo(backend, generate_problems(4, 0, held_out=False), settings, 0, records.append,
+                                     rewards=ADDITION_REWARDS):
             pass
     step = int(str(stopped.value).split()[4])
     assert [r["step"] for r in records] == list(range(1, step))  # nothing ran or was logged after it

@@ -5,6 +5,7 @@ import pytest
 
 from shared.data import Problem, reasoning_target
 from shared.evaluation import pass_at_k, score_completions
+from shared.rewards import ADDITION_REWARDS
 from shared.report import global_steps, write_plots
 from test_cli import TINY_BUDGET, run_cli
 
@@ -15,12 +16,12 @@ WRONG_ANSWER = RIGHT.rsplit("\n", 1)[0] + "\n47"
 
 def test_pass_at_k_counts_a_problem_solved_by_any_sample():
     other = Problem((1, 2, 3))
-    assert pass_at_k([PROBLEM, other], [[WRONG_ANSWER, RIGHT], [WRONG_ANSWER, "6"]]) == 0.5
-    assert pass_at_k([PROBLEM], [[WRONG_ANSWER, WRONG_ANSWER]]) == 0.0
+    assert pass_at_k(ADDITION_REWARDS, [PROBLEM, other], [[WRONG_ANSWER, RIGHT], [WRONG_ANSWER, "6"]]) == 0.5
+    assert pass_at_k(ADDITION_REWARDS, [PROBLEM], [[WRONG_ANSWER, WRONG_ANSWER]]) == 0.0
 
 
 def test_reward_breakdown_averages_each_component():
-    result = score_completions([PROBLEM, PROBLEM], [RIGHT, WRONG_ANSWER], [10, 12])
+    result = score_completions(ADDITION_REWARDS, [PROBLEM, PROBLEM], [RIGHT, WRONG_ANSWER], [10, 12])
     assert result.reward_components["correctness"] == 0.5 and result.reward_components["format"] == 1.0
     assert result.reward == pytest.approx((1.6 + 0.6) / 2)  # all weights, then all but correctness
     assert result.mean_completion_tokens == 11
@@ -30,7 +31,7 @@ def test_plots_follow_the_phases_present(tmp_path):
     sft = [{"phase": "sft", "step": i, "loss": 1.0 / i} for i in range(1, 41)]
     evals = [{"phase": "eval", "stage": "after_sft", "accuracy": 0.5, "format_compliance": 1.0}]
     assert global_steps(sft + evals) == list(range(1, 41)) + [40]
-    assert [p.name for p in write_plots(sft + evals, tmp_path)] == ["loss.png", "accuracy.png"]
+    assert [p.name for p in write_plots(sft + evals, tmp_path, {"correctness": 1.0})] == ["loss.png", "accuracy.png"]
 
 
 @pytest.mark.slow  # a training run

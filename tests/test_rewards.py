@@ -1,29 +1,32 @@
 import pytest
 
 from shared.data import Problem, reasoning_target
-from shared.rewards import (RewardWeights, combined_reward, correctness_reward, format_reward, parse_answer,
-                            reward_components, step_validity_reward, steps_reward, verification_reward)
+from shared.rewards import (ADDITION_REWARDS, correctness_reward, format_reward, parse_answer, step_validity_reward,
+                            steps_reward, verification_reward)
+from shared.task import combined_reward, reward_components, reward_weights
+from shared.addition import AdditionTask
+
+WEIGHTS = reward_weights(AdditionTask())
 
 PROBLEM = Problem((23, 15, 8))
 PERFECT = reasoning_target(PROBLEM)
 
 
 def test_perfect_completion_earns_every_reward():
-    components = reward_components(PERFECT, PROBLEM)
+    components = reward_components(ADDITION_REWARDS, PERFECT, PROBLEM)
     assert components == {"correctness": 1.0, "format": 1.0, "steps": 1.0, "verification": 1.0,
                           "step_validity": 1.0}
-    assert combined_reward(components, RewardWeights()) == pytest.approx(1.6)
+    assert combined_reward(components, WEIGHTS) == pytest.approx(1.6)
 
 
 def test_correctness_is_weighted_highest():
-    weights = RewardWeights()
-    assert weights.correctness > max(weights.format, weights.steps, weights.verification, weights.step_validity)
+    assert WEIGHTS["correctness"] > max(weight for name, weight in WEIGHTS.items() if name != "correctness")
 
 
 def test_right_format_wrong_arithmetic_earns_no_validity_or_correctness():
     hacked = PERFECT.replace("23 + 15 = 38", "23 + 15 = 40").replace("38 + 8 = 46", "40 + 8 = 48")
     hacked = hacked.replace("is indeed 46", "is indeed 48").replace("</think>\n46", "</think>\n48")
-    components = reward_components(hacked, PROBLEM)
+    components = reward_components(ADDITION_REWARDS, hacked, PROBLEM)
     assert components["format"] == 1.0 and components["steps"] == 1.0
     assert components["correctness"] == 0.0
     assert components["step_validity"] == pytest.approx(0.5)  # 40 + 8 = 48 is right, 23 + 15 = 40 is not
@@ -95,6 +98,6 @@ def test_verification_must_restate_the_problem():
 def test_every_reward_survives_sampled_junk(junk):
     """Sampled bytes once crashed step validity (int(' \\x1f0')); junk earns nothing for its line, never an error."""
     completion = PERFECT.replace("3. Verification", junk + "\n3. Verification")
-    components = reward_components(completion, PROBLEM)
+    components = reward_components(ADDITION_REWARDS, completion, PROBLEM)
     assert components["correctness"] == 1.0 and 0.0 <= components["step_validity"] <= 1.0
     assert step_validity_reward(f"<think>\n{junk}\n</think>\n46", PROBLEM) == 0.0

@@ -1,0 +1,45 @@
+"""The tasks by name: a built-in one or a JSONL file, with a reward file's rewards added."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shared.addition import AdditionTask
+from shared.countdown import CountdownTask
+from shared.file_task import FileTask
+from shared.reward_file import load_reward_file
+from shared.task import Task, TaskConfig, existing_file, file_sha256
+
+BUILT_IN_TASKS = {"addition": AdditionTask, "countdown": CountdownTask}
+
+
+def task_config(name: str, reward_file: str | Path | None = None) -> TaskConfig:
+    """--task and --reward-file as a run records them: files by absolute path, with their sha256."""
+    if name in BUILT_IN_TASKS:
+        config = TaskConfig(name)
+    else:
+        path = existing_file(name, "--task", f"a built-in task ({', '.join(BUILT_IN_TASKS)}) or a JSONL file")
+        config = TaskConfig(str(path), file_sha256(path))
+    if reward_file is not None:
+        path = existing_file(reward_file, "--reward-file", "a Python file that defines REWARDS")
+        config.reward_file, config.reward_file_sha256 = str(path), file_sha256(path)
+    return config
+
+
+def load_task(config: TaskConfig) -> Task:
+    """The task a run's settings name, with the reward file's rewards added (a built-in name is replaced)."""
+    task: Task = BUILT_IN_TASKS.get(config.name, FileTask)(config.name)
+    if config.reward_file:
+        task.rewards = {**task.rewards, **load_reward_file(Path(config.reward_file))}
+    return task
+
+
+def checkpoint_task(checkpoint: Path, name: str | None, reward_file: str | Path | None) -> Task:
+    """The task of `eval` and `infer`: --task, else the one the checkpoint was trained on (addition before tasks)."""
+    saved: dict = {}
+    if name is None and (checkpoint / "run_config.json").is_file():
+        try:
+            saved = json.loads((checkpoint / "run_config.json").read_text()).get("task") or {}
+        except (OSError, ValueError, AttributeError):
+            saved = {}
+    return load_task(task_config(name or saved.get("name", "addition"), reward_file or saved.get("reward_file")))
