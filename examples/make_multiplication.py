@@ -12,7 +12,8 @@ def line(a: int, b: int, split: str, with_completion: bool = True) -> dict:
     tens, units = a - a % 10, a % 10
     if a >= 100:
         tens, units = a - a % 100, a % 100
-    trace = f"<think>\n{a} × {b} = {tens} × {b} + {units} × {b}\n= {tens * b} + {units * b}\n= {a * b}\n</think>\n{a * b}"
+    steps = f"{a} × {b} = {tens} × {b} + {units} × {b}\n= {tens * b} + {units * b}\n= {a * b}"
+    trace = f"<think>\n{steps}\n</think>\n{a * b}"
     item = {"prompt": f"What is {a} times {b}?", "answer": a * b, "split": split, "a": a, "b": b}
     if with_completion:
         item["completion"] = trace

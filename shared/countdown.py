@@ -78,7 +78,8 @@ def reachable(numbers: tuple[int, ...]) -> dict[int, tuple[tuple[str, ...], str]
                 rest = [item for k, item in enumerate(items) if k not in (i, j)]
                 for operator, value in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a // b if a % b == 0 else 0)):
                     if value > 0:
-                        search(rest + [(value, f"({left} {operator} {right})")], steps + (f"{a} {operator} {b} = {value}",))
+                        step = f"{a} {operator} {b} = {value}"
+                        search(rest + [(value, f"({left} {operator} {right})")], steps + (step,))
 
     search([(n, str(n)) for n in numbers], ())
     return found

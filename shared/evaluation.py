@@ -130,8 +130,8 @@ def results_table(results: dict[str, EvalResult], first_column: str = "stage") -
     """Markdown table, a row per stage (before SFT / after SFT / after GRPO) or per problem set
     (`two_operands` shows as "two operands"): accuracy, format, the task's other rewards, the combined reward."""
     with_pass = any(r.pass_at_k is not None for r in results.values())
-    others = [name for name in next(iter(results.values())).reward_components if name not in ("correctness", "format")] \
-        if results else []
+    components = next(iter(results.values())).reward_components if results else {}
+    others = [name for name in components if name not in ("correctness", "format")]
     header = f"| {first_column} | accuracy | format | " + "".join(f"{n.replace('_', ' ')} | " for n in others)
     header += "reward | mean tokens |" + (" pass@k |" if with_pass else "")
     lines = [header, "|---" * (5 + len(others) + with_pass) + "|"]

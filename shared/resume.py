@@ -216,7 +216,8 @@ def resumed_task(config: RunConfig, options: dict, output: Path) -> None:
         raise UserError(f"{task.name} changed since the run started; --resume needs the same file (or start a new "
                         "run in another --output-dir)")
     if task.reward_file:
-        task.reward_file_sha256 = file_sha256(existing_file(task.reward_file, "the run's --reward-file", "a Python file"))
+        reward_file = existing_file(task.reward_file, "the run's --reward-file", "a Python file")
+        task.reward_file_sha256 = file_sha256(reward_file)
 
 
 def unfinished_run_to_continue(config: RunConfig) -> tuple[RunState, Path] | None:

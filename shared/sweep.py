@@ -140,8 +140,9 @@ def write_sweep(output: Path, rows: list[dict], config: RunConfig) -> None:
     output.mkdir(parents=True, exist_ok=True)
     write_atomically(output / "sweep.json", json.dumps({"rows": rows, "config": json.loads(config.to_json())},
                                                        indent=2))
-    header = (f"Model `{config.model.name}`, backend `{config.backend}`, held-out problems per evaluation: "
-              f"{config.eval.num_problems}, GRPO prompts per run: {config.grpo.num_prompts}.\n\n")
+    header = (f"Model `{config.model.name}`, task `{config.task.name}`, backend `{config.backend}`, held-out "
+              f"problems per evaluation: {config.eval.num_problems}, GRPO prompts per run: "
+              f"{config.grpo.num_prompts}.\n\n")
     write_atomically(output / "sweep.md", header + sweep_table(rows) + "\n")
     plot_sweep(rows, output / "sweep.png")
 

@@ -135,7 +135,8 @@ def bad_files(folder):
         "not json": (["--task", folder / "broken.jsonl"], r"line 2 is not JSON"),
         "no answer": (["--task", folder / "noanswer.jsonl"], r"line 1 has no 'answer'"),
         "no training": (["--task", folder / "testonly.jsonl"], r"has no training lines"),
-        "reward import": (["--task", good, "--reward-file", folder / "r1.py"], r"does not import: ModuleNotFoundError: No module named .nowhere. \(line 1\)"),
+        "reward import": (["--task", good, "--reward-file", folder / "r1.py"],
+                          r"does not import: ModuleNotFoundError: No module named .nowhere. \(line 1\)"),
         "reward entry": (["--task", good, "--reward-file", folder / "r2.py"], r"REWARDS\['x'\] must be"),
         "missing reward": (["--reward-file", folder / "r3.py"], r"--reward-file .*r3.py: no such file"),
     }

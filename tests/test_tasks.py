@@ -143,7 +143,8 @@ def write_rewards(tmp_path, body: str):
 
 def test_a_reward_file_adds_rewards_that_see_the_example(tmp_path):
     rewards = write_rewards(tmp_path, "def short(completion, example):\n"
-                                      "    return float(len(completion) < len(example['prompt']) - len(example['operands']))\n"
+                                      "    shorter = len(example['prompt']) - len(example['operands'])\n"
+                                      "    return float(len(completion) < shorter)\n"
                                       "def correctness(completion, example):\n    return 0.5\n"
                                       "REWARDS = {'short': (short, 0.3), 'correctness': (correctness, 2)}\n")
     task = load_task(task_config("addition", rewards))
