@@ -43,7 +43,7 @@ class Task(Protocol):
     completion_tokens: int  # the longest completion its problems need (0: the preset's cap is enough)
 
     def training_problems(self, count: int, seed: int, for_sft: bool) -> list[TaskProblem]:
-        """`count` training problems, seeded; for SFT, only those with a target."""
+        """`count` training problems, seeded; for SFT, only those with a completion."""
 
     def held_out(self, count: int, seed: int) -> list[TaskProblem]:
         """Up to `count` held-out problems (a file gives as many as it has)."""
@@ -94,7 +94,7 @@ def reward_components(rewards: dict[str, Reward], completion: str, problem: Task
             raise RewardFailed(f"reward {name!r} raised {type(error).__name__}: {error} on {problem.where()}") \
                 from None
         if not isinstance(value, numbers.Real) or not math.isfinite(value):  # bool and numpy numbers count
-            raise RewardFailed(f"reward {name!r} returned {value!r}, not a finite number, on {problem.where()}")
+            raise RewardFailed(f"reward {name!r} returned {value!r:.40}, not a finite number, on {problem.where()}")
         components[name] = float(value)
     return components
 
