@@ -171,7 +171,7 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
     setup_logging(log_level)
     if interactive and batch:
         raise click.UsageError("choose one of --interactive and --batch")
-    task = checkpoint_task(checkpoint, task_name, None)
+    task = checkpoint_task(checkpoint, task_name, None, checkpoint_rewards=False)
     if batch:
         task.check_count("--num-samples", num_samples, "held_out")
     model = load_for_inference(checkpoint, backend)

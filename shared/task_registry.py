@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from shared.addition import AdditionTask
+from shared.errors import UsageError
 from shared.countdown import CountdownTask
 from shared.file_task import FileTask
 from shared.reward_file import load_reward_file
@@ -34,12 +35,18 @@ def load_task(config: TaskConfig) -> Task:
     return task
 
 
-def checkpoint_task(checkpoint: Path, name: str | None, reward_file: str | Path | None) -> Task:
-    """The task of `eval` and `infer`: --task, else the one the checkpoint was trained on (addition before tasks)."""
+def checkpoint_task(checkpoint: Path, name: str | None, reward_file: str | Path | None,
+                    checkpoint_rewards: bool = True) -> Task:
+    """The task of `eval` and `infer`: --task, else the one the checkpoint was trained on (addition before
+    tasks), with its reward file unless `checkpoint_rewards` is off (`infer`, which has no --reward-file)."""
     saved: dict = {}
     if name is None and (checkpoint / "run_config.json").is_file():
         try:
             saved = json.loads((checkpoint / "run_config.json").read_text()).get("task") or {}
         except (OSError, ValueError, AttributeError):
             saved = {}
-    return load_task(task_config(name or saved.get("name", "addition"), reward_file or saved.get("reward_file")))
+    saved_rewards = saved.get("reward_file") if checkpoint_rewards and not reward_file else None
+    for kind, path in (("task", saved.get("name")), ("reward-file", saved_rewards)):
+        if path and path not in BUILT_IN_TASKS and not Path(path).is_file():
+            raise UsageError(f"{checkpoint} was trained with {path}, which is not there any more: give --{kind} FILE")
+    return load_task(task_config(name or saved.get("name", "addition"), reward_file or saved_rewards))

@@ -193,3 +193,17 @@ def test_typed_problems_per_task():
     with pytest.raises(UserError, match="type 2 to 6 numbers, then the target"):
         CountdownTask().typed_problem("24")
     assert AdditionTask().typed_problem("Calculate 1 + 2").answer == 3
+
+
+def test_eval_and_infer_take_the_checkpoints_task_or_say_it_is_gone(tmp_path):
+    from shared.task_registry import checkpoint_task
+
+    assert checkpoint_task(tmp_path, None, None).name == "addition"  # a checkpoint from before tasks
+    task_file = write_lines(tmp_path / "t.jsonl", {"prompt": "a", "answer": 1, "split": "train"},
+                            {"prompt": "b", "answer": 2, "split": "test"})
+    (tmp_path / "run_config.json").write_text(json.dumps({"task": {"name": str(task_file)}}))
+    assert checkpoint_task(tmp_path, None, None).name == str(task_file)
+    assert checkpoint_task(tmp_path, "countdown", None).name == "countdown"
+    task_file.unlink()
+    with pytest.raises(UsageError, match=rf"was trained with {task_file}, which is not there any more: give --task"):
+        checkpoint_task(tmp_path, None, None)
