@@ -12,7 +12,7 @@ from shared.config import EvalConfig
 from shared.distributed import gather_shards, shard
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts
-from shared.task import Reward, Task, TaskProblem, combined_reward, final_answer, reward_components
+from shared.task import Reward, Task, TaskProblem, combined_reward, final_answer, is_correct, reward_components
 
 
 @dataclass
@@ -83,8 +83,7 @@ def paired_line(comparison: dict, before: str, after: str) -> str:
 
 def pass_at_k(rewards: dict[str, Reward], problems: list[TaskProblem], completions: list[list[str]]) -> float:
     """Fraction of problems with at least one correct answer among their k samples (n = k, so exact)."""
-    correct = rewards["correctness"].function
-    solved = [any(correct(text, problem) for text in texts)
+    solved = [any(is_correct(rewards, text, problem) for text in texts)
               for problem, texts in zip(problems, completions)]
     return float(np.mean(solved)) if solved else 0.0
 
@@ -163,7 +162,7 @@ def infer_report(rewards: dict[str, Reward], problems: list[TaskProblem], comple
     """What `infer` prints: each problem with its reasoning, or (scored) a line per problem and the accuracy."""
     if not scored:
         return "\n".join(f"Problem: {p.prompt}\n\n{c}\n" for p, c in zip(problems, completions))
-    correct = [bool(rewards["correctness"].function(c, p)) for p, c in zip(problems, completions)]
+    correct = [is_correct(rewards, c, p) for p, c in zip(problems, completions)]
     lines = [f"{p.prompt} = {p.answer}: got {final_answer(c)} {'✓' if right else '✗'}"
              for p, c, right in zip(problems, completions, correct)]
     return "\n".join(lines + [f"accuracy: {sum(correct)}/{len(problems)} = {sum(correct) / len(problems):.1%}"])

@@ -99,6 +99,10 @@ def reward_components(rewards: dict[str, Reward], completion: str, problem: Task
     return components
 
 
+def is_correct(rewards: dict[str, Reward], completion: str, problem: TaskProblem) -> bool:
+    return bool(reward_components({"correctness": rewards["correctness"]}, completion, problem)["correctness"])
+
+
 def combined_reward(components: dict[str, float], weights: dict[str, float]) -> float:
     """The GRPO reward: the weighted sum of the components."""
     return sum(weight * components[name] for name, weight in weights.items())
