@@ -206,7 +206,7 @@ def trl_grpo(steps: int, policy: str, prompts: int = GRPO_PROMPTS, max_new: int 
 
     def reward(prompts, completions, **_):
         return [combined_reward(reward_components(ADDITION_REWARDS, c[0]["content"], by_prompt[p[-1]["content"]]),
-                                reward_weights(AdditionTask()))
+                                reward_weights(AdditionTask().rewards))
                 for p, c in zip(prompts, completions)]
 
     timing = step_timer()

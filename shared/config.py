@@ -152,7 +152,7 @@ def build_run_config(overrides: dict[str, dict], top_level: dict, fit_counts: tu
         values = {**preset.get(section, {}), **overrides.get(section, {})}
         setattr(config, section, type(getattr(config, section))(**values))
     task = load_task(config.task)
-    config.grpo.reward_weights = reward_weights(task)
+    config.grpo.reward_weights = reward_weights(task.rewards)
     config.grpo.max_new_tokens = max(config.grpo.max_new_tokens, task.completion_tokens)
     config.eval.max_new_tokens = max(config.eval.max_new_tokens, task.completion_tokens)
     if isinstance(task, FileTask):

@@ -7,22 +7,21 @@ judges the answers.
 from __future__ import annotations
 
 import ast
+import operator
 import random
 import re
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
 from shared.errors import UsageError, UserError
-from shared.task import Reward, final_answer, think_and_answer
+from shared.task import Reward, final_answer, held_out_by_hash, think_and_answer
 
-HELD_OUT_EVERY = 20  # one set of numbers in 20 is held out, whatever the target
 NUMBER_RANGE = (1, 25)
 TARGET_RANGE = (1, 100)
 MOST_HELD_OUT, MOST_TRAINING = 10_000, 200_000  # far below the problems that exist, so drawing stays quick
 EXPRESSION = re.compile(r"^[\d\s+\-*/()]{1,200}$", re.ASCII)
-OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,10 @@ def reachable(numbers: tuple[int, ...]) -> dict[int, tuple[tuple[str, ...], str]
             for j in range(i + 1, len(items)):
                 (a, left), (b, right) = sorted((items[i], items[j]), key=lambda item: -item[0])
                 rest = [item for k, item in enumerate(items) if k not in (i, j)]
-                for operator, value in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a // b if a % b == 0 else 0)):
+                for sign, value in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a // b if a % b == 0 else 0)):
                     if value > 0:
-                        step = f"{a} {operator} {b} = {value}"
-                        search(rest + [(value, f"({left} {operator} {right})")], steps + (step,))
+                        step = f"{a} {sign} {b} = {value}"
+                        search(rest + [(value, f"({left} {sign} {right})")], steps + (step,))
 
     search([(n, str(n)) for n in numbers], ())
     return found
@@ -92,7 +91,7 @@ def solve(numbers: tuple[int, ...], target: int) -> tuple[tuple[str, ...], str] 
 
 def is_held_out(numbers: tuple[int, ...]) -> bool:
     """Split by the set of numbers, so no held-out set of numbers is ever trained on, whatever its target."""
-    return zlib.crc32(("countdown " + " ".join(map(str, sorted(numbers)))).encode()) % HELD_OUT_EVERY == 0
+    return held_out_by_hash("countdown " + " ".join(map(str, sorted(numbers))))
 
 
 def generate_countdown(count: int, seed: int, held_out: bool) -> list[CountdownProblem]:
@@ -132,14 +131,8 @@ def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
             numbers.append(node.value)
             return Fraction(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-            left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Add):
-                return left + right
-            if isinstance(node.op, ast.Sub):
-                return left - right
-            if isinstance(node.op, ast.Mult):
-                return left * right
-            return left / right  # ZeroDivisionError: not an expression that has a value
+            # ZeroDivisionError: not an expression that has a value
+            return OPERATORS[type(node.op)](value(node.left), value(node.right))
         raise ValueError("not arithmetic")
 
     try:
@@ -204,9 +197,10 @@ class CountdownTask:
         raise KeyError(name)
 
     def check_count(self, flag: str, count: int, kind: str) -> None:
-        limit = MOST_HELD_OUT if kind in ("held_out", "extra") else MOST_TRAINING
+        held_out = kind in ("held_out", "extra")
+        limit = MOST_HELD_OUT if held_out else MOST_TRAINING
         if count > limit:
-            split = "held-out" if kind in ("held_out", "extra") else "training"
+            split = "held-out" if held_out else "training"
             raise UsageError(f"{flag} {count} is more than the {split} countdown problems allow: at most {limit}")
 
     def typed_problem(self, text: str) -> CountdownProblem:

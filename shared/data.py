@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import random
 import re
-import zlib
 from dataclasses import dataclass
 
 from shared.errors import UsageError, UserError
+from shared.task import HELD_OUT_EVERY, held_out_by_hash
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
-HELD_OUT_EVERY = 20  # one problem in 20 is held out for evaluation, for every run and seed
 # Problem shapes for evaluation: training uses the first; the others test generalisation.
 EVAL_SETS = {
     "in_distribution": {"num_operands": 3, "low": 1, "high": 99},
@@ -44,7 +43,7 @@ class Problem:
 
 def is_held_out(problem: Problem) -> bool:
     """Stable split by content, so no run ever trains on a problem any run evaluates on."""
-    return zlib.crc32(problem.prompt.encode()) % HELD_OUT_EVERY == 0
+    return held_out_by_hash(problem.prompt)
 
 
 def listing(numbers: tuple[int, ...]) -> str:

@@ -12,7 +12,8 @@ from shared.config import EvalConfig
 from shared.distributed import gather_shards, shard
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts
-from shared.task import Reward, Task, TaskProblem, combined_reward, final_answer, is_correct, reward_components
+from shared.task import (Reward, Task, TaskProblem, combined_reward, final_answer, is_correct, reward_components,
+                         reward_weights)
 
 
 @dataclass
@@ -42,7 +43,7 @@ def score_completions(rewards: dict[str, Reward], problems: list[TaskProblem], c
 
     samples = [{"prompt": p.prompt, "completion": c, "correct": bool(s["correctness"])}
                for p, c, s in list(zip(problems, completions, components))[:keep_samples]]
-    weights = {name: reward.weight for name, reward in rewards.items()}
+    weights = reward_weights(rewards)
     return EvalResult(
         num_problems=len(problems),
         accuracy=mean("correctness"),

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import UsageError, UserError
-from shared.task import Reward, final_answer, think_and_answer
+from shared.task import Reward, final_answer, held_out_by_hash, think_and_answer
 
-HELD_OUT_EVERY = 20
 FIELD_TYPES = {"prompt": (str,), "answer": (str, int, float), "completion": (str,), "split": (str,)}
 
 
@@ -60,7 +58,7 @@ def read_examples(path: Path) -> list[Example]:
                 raise UsageError(f"--task {path} line {number}: {name!r} must be a {kinds}, got {value!r:.40}")
         if not data["prompt"].strip():
             raise UsageError(f"--task {path} line {number}: 'prompt' is empty")
-        split = data.get("split") or ("test" if zlib.crc32(data["prompt"].encode()) % HELD_OUT_EVERY == 0 else "train")
+        split = data.get("split") or ("test" if held_out_by_hash(data["prompt"]) else "train")
         examples.append(Example(data["prompt"], data["answer"], data.get("completion"), split, number, str(path), data))
     if not examples:
         raise UsageError(f"--task {path} is empty: it needs one JSON object per line, with prompt and answer")

@@ -7,12 +7,14 @@ import hashlib
 import math
 import numbers
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 from shared.errors import UsageError, UserError
 
+HELD_OUT_EVERY = 20  # one problem in 20 is held out for evaluation, for every task, run and seed
 THINK_BLOCK = re.compile(r"^\s*<think>\n(?P<body>.*?)\n</think>\n(?P<answer>.*)$", re.DOTALL)
 RewardFunction = Callable[[str, Any], float]  # (completion, problem) -> reward
 
@@ -69,6 +71,11 @@ class TaskConfig:
     reward_file_sha256: str | None = None
 
 
+def held_out_by_hash(text: str) -> bool:
+    """The split every task uses: a stable hash of the text, so no run trains on what any run evaluates."""
+    return zlib.crc32(text.encode()) % HELD_OUT_EVERY == 0
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -80,8 +87,8 @@ def existing_file(name: str | Path, flag: str, expected: str) -> Path:
     return path.resolve()
 
 
-def reward_weights(task: Task) -> dict[str, float]:
-    return {name: reward.weight for name, reward in task.rewards.items()}
+def reward_weights(rewards: dict[str, Reward]) -> dict[str, float]:
+    return {name: reward.weight for name, reward in rewards.items()}
 
 
 def reward_components(rewards: dict[str, Reward], completion: str, problem: TaskProblem) -> dict[str, float]:

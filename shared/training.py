@@ -17,7 +17,7 @@ from shared.padding import pack_batch
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts, encode_targets
 from shared.resume import phase_steps, step_seed
-from shared.task import Reward, TaskProblem, combined_reward, reward_components
+from shared.task import Reward, TaskProblem, combined_reward, reward_components, reward_weights
 
 Log = Callable[[dict], None]
 
@@ -109,7 +109,7 @@ def decoding_stats(counts: dict) -> dict:
 
 def score_group(texts: list[str], problem: TaskProblem, rewards: dict[str, Reward]) -> tuple[list[float], list[dict]]:
     components = [reward_components(rewards, text, problem) for text in texts]
-    weights = {name: reward.weight for name, reward in rewards.items()}
+    weights = reward_weights(rewards)
     return [combined_reward(c, weights) for c in components], components
 
 

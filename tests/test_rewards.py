@@ -6,7 +6,7 @@ from shared.rewards import (ADDITION_REWARDS, correctness_reward, format_reward,
 from shared.task import combined_reward, reward_components, reward_weights
 from shared.addition import AdditionTask
 
-WEIGHTS = reward_weights(AdditionTask())
+WEIGHTS = reward_weights(AdditionTask().rewards)
 
 PROBLEM = Problem((23, 15, 8))
 PERFECT = reasoning_target(PROBLEM)

@@ -26,10 +26,10 @@ def test_addition_behind_the_interface_is_the_seed_task_unchanged():
     assert digest([p.operands for p in task.held_out(1000, 42)]) == "a88f844047778d45"
     sft = task.training_problems(1000, 42, for_sft=True)
     assert hashlib.sha256("".join(p.completion for p in sft).encode()).hexdigest()[:16] == "0bbe7e6180ae0cc6"
-    assert reward_weights(task) == {"correctness": 1.0, "format": 0.2, "steps": 0.1, "verification": 0.1,
+    assert reward_weights(task.rewards) == {"correctness": 1.0, "format": 0.2, "steps": 0.1, "verification": 0.1,
                                     "step_validity": 0.2}
     config = build_run_config({"model": {"name": "smollm2"}}, {})
-    assert config.task == TaskConfig("addition") and config.grpo.reward_weights == reward_weights(task)
+    assert config.task == TaskConfig("addition") and config.grpo.reward_weights == reward_weights(task.rewards)
 
 
 def test_countdown_traces_solve_their_problems_and_earn_every_reward():
@@ -148,7 +148,7 @@ def test_a_reward_file_adds_rewards_that_see_the_example(tmp_path):
                                       "def correctness(completion, example):\n    return 0.5\n"
                                       "REWARDS = {'short': (short, 0.3), 'correctness': (correctness, 2)}\n")
     task = load_task(task_config("addition", rewards))
-    assert reward_weights(task) == {"correctness": 2.0, "format": 0.2, "steps": 0.1, "verification": 0.1,
+    assert reward_weights(task.rewards) == {"correctness": 2.0, "format": 0.2, "steps": 0.1, "verification": 0.1,
                                     "step_validity": 0.2, "short": 0.3}
     problem = task.typed_problem("1 + 2 + 3")
     components = reward_components(task.rewards, "<think>\n1\n</think>\n6", problem)
