@@ -51,6 +51,10 @@ TRAIN_OPTIONS = [
     click.option("--prompts-per-step", type=POSITIVE_INT, help="prompts per GRPO step [preset]"),
     click.option("--temperature", type=POSITIVE_FLOAT, help="rollout temperature [preset]"),
     click.option("--loss-variant", type=click.Choice(LOSS_VARIANTS), help="GRPO loss aggregation [grpo]"),
+    click.option("--dynamic-sampling/--no-dynamic-sampling", default=None,
+                 help="draw GRPO prompts by pass rate, train only on groups whose rewards differ [preset]"),
+    click.option("--rollout-budget", type=POSITIVE_FLOAT, help="most groups sampled per step with dynamic "
+                 "sampling, times --prompts-per-step [3]"),
     click.option("--updates-per-batch", type=POSITIVE_INT, help="optimiser steps per batch of rollouts [1]"),
     click.option("--beta", type=click.FloatRange(min=0), help="KL penalty to the reference policy [0]"),
     click.option("--epsilon", type=POSITIVE_FLOAT, help="ratio clip range [0.2]"),
@@ -62,6 +66,8 @@ TRAIN_OPTIONS = [
                  help="also evaluate every N steps of each phase [0: off; tiny: 250]"),
     click.option("--eval-every-samples", type=POSITIVE_INT,
                  help="held-out problems per evaluation along the run and before SFT [200]"),
+    click.option("--headroom-samples", type=click.IntRange(min=0), help="before GRPO, sample the SFT model k times "
+                 "per problem: mean@k, maj@k, pass@k [preset; 0: off]"),
     click.option("--ood-samples", type=click.IntRange(min=0),
                  help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]"),
     click.option("--save-every", type=click.IntRange(min=0),
@@ -195,9 +201,9 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 @click.option("--ood-samples", type=click.IntRange(min=0), default=200, show_default=True,
               help="problems per extra set: addition's 2 operands, 4 operands, 3-digit operands; a file's other "
               "splits (0: skip)")
-@click.option("--samples-per-problem", type=POSITIVE_INT, default=1, show_default=True,
-              help="k > 1 also reports pass@k: k sampled completions per problem")
-@click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True, help="for pass@k sampling")
+@click.option("--samples", "--samples-per-problem", "samples_per_problem", type=POSITIVE_INT, default=1,
+              show_default=True, help="k > 1 also samples k completions per problem: mean@k, maj@k, pass@k")
+@click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True, help="of the k samples")
 @click.option("--max-new-tokens", type=POSITIVE_INT, default=256, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
@@ -209,8 +215,9 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: int, samples_per_problem: int,
                  temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, compare: Path | None,
                  task_name: str | None, reward_file: Path | None, log_level: str) -> None:
-    """Score a checkpoint on held-out problems and the task's extra sets (greedy; pass@k sampled)."""
-    from shared.evaluation import add_comparisons, evaluate, extra_sets, results_table
+    """Score a checkpoint on held-out problems and the task's extra sets (greedy; --samples K adds mean@K,
+    maj@K and pass@K)."""
+    from shared.evaluation import add_comparisons, evaluate, extra_sets, results_table, sampled_line
     from shared.layouts import check_checkpoint, check_new_tokens
     from shared.prompts import encode_prompts
     from shared.task_registry import checkpoint_task
@@ -234,6 +241,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     results = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
                for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
+    click.echo("".join(f"{sampled_line(name, r)}\n" for name, r in results.items() if r.k), nl=False)
     payload = {name: {**r.summary(), "samples": r.samples, "solved": r.solved} for name, r in results.items()}
     if compare:
         model = load_for_inference(compare, backend)

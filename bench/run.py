@@ -19,9 +19,12 @@ needs on Linux would also replace PyTorch's kernels) and the pairs run one after
      PyTorch, stopping at 97 % with --quick; without it, to the end and MLX too (about 25 more minutes
      on a 2-core CPU).
   7. Greedy answers one at a time, as `infer` gives them: ours with n-gram drafts vs without (SmolLM2).
+  8. GRPO against TRL's GRPOTrainer from one SmolLM2 SFT checkpoint at equal minutes, each paired on the same
+     held-out problems (bench/grpo_vs_trl.py; about an hour here: ours, TRL, and their evaluations).
 Groups (--only GROUP, repeatable): tiny-sft (1), tiny-grpo (2), rollout (3), qwen-architecture (4),
-smollm2 (5, 7), time-to-accuracy (6). Prints a markdown table, each row as soon as it is measured;
---json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better}, rewritten after each.
+smollm2 (5, 7), time-to-accuracy (6), grpo-vs-trl (8; not in the default set). Prints a markdown table, each
+row as soon as it is measured; --json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better},
+rewritten after each.
 TRL and mlx-lm are benchmark-only dependencies (pip install -e '.[bench]').
 """
 from __future__ import annotations
@@ -562,9 +565,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grpo_vs_trl_rows(quick: bool, sft_checkpoint: Path | None = None):
+    import grpo_vs_trl  # bench/grpo_vs_trl.py, runnable alone
+
+    yield from grpo_vs_trl.rows(sft_checkpoint, eval_samples=200 if quick else 1000)
+
+
 GROUPS = {"tiny-sft": tiny_sft_rows, "tiny-grpo": tiny_grpo_rows, "rollout": rollout_rows,
           "qwen-architecture": qwen_architecture_rows, "smollm2": smollm2_rows,
-          "time-to-accuracy": time_to_accuracy_group}
+          "time-to-accuracy": time_to_accuracy_group, "grpo-vs-trl": grpo_vs_trl_rows}
 
 
 def main() -> None:
@@ -574,6 +583,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=list(GROUPS), metavar="GROUP",
                         help=f"measure this group only (repeatable): {', '.join(GROUPS)}")
     parser.add_argument("--json", type=Path, help="also write the rows here, rewritten after each one")
+    parser.add_argument("--sft-checkpoint", type=Path, help="grpo-vs-trl: start both from this SmolLM2 SFT checkpoint")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -585,8 +595,10 @@ def main() -> None:
         sys.exit(f"error: bench/run.py needs {', '.join(missing)}: pip install -e '.[torch,mlx,bench]'")
     began, rows = time.perf_counter(), []
     print(markdown([]), flush=True)
-    for group in args.only or list(GROUPS):
-        for measured in GROUPS[group](args.quick):  # each row as soon as it is measured: an interrupted run keeps them
+    for group in args.only or [name for name in GROUPS if name != "grpo-vs-trl"]:
+        extra = {"sft_checkpoint": args.sft_checkpoint} if group == "grpo-vs-trl" else {}
+        # each row as soon as it is measured: an interrupted run keeps them
+        for measured in GROUPS[group](args.quick, **extra):
             rows.append(measured)
             print(markdown([measured]).splitlines()[-1], flush=True)
             if args.json:

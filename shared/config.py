@@ -60,6 +60,10 @@ class GRPOConfig:
     loss_variant: str = option("grpo", f"loss aggregation: {', '.join(LOSS_VARIANTS)}")
     epsilon: float = option(0.2, "clip range of the probability ratio")
     beta: float = option(0.0, "KL penalty to the reference policy (0: no reference model)")
+    dynamic_sampling: bool = option(False, "draw prompts by pass rate (near 50 % first, never one every sample "
+                                    "solved) and refill each step with groups whose rewards differ (DAPO)")
+    rollout_budget: float = option(3.0, "with dynamic sampling: most groups sampled per step, as a multiple of "
+                                   "prompts_per_step")
     updates_per_batch: int = option(1, "optimiser steps on each batch of rollouts (ratio clipping acts from the 2nd)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -80,6 +84,9 @@ class EvalConfig:
     samples_per_problem: int = option(1, "k for pass@k: sampled completions per problem (1: greedy only)")
     temperature: float = option(1.0, "sampling temperature for pass@k")
     seed: int = option(0, "seed of pass@k sampling")
+    headroom_samples: int = option(0, "k: before GRPO, sample the SFT model k times per problem at GRPO's "
+                                   "temperature (mean@k, maj@k, pass@k: what GRPO could gain; 0: off)")
+    headroom_problems: int = option(100, "held-out problems (the first of the set) the headroom is measured on")
 
 
 @dataclass
@@ -132,7 +139,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         "sft": {"num_samples": 1000, "epochs": 1, "batch_size": 4, "lr": 5e-4, "warmup_steps": 10},
         "grpo": {"num_prompts": 96, "group_size": 8, "prompts_per_step": 4, "lr": 2e-5, "temperature": 0.8,
                  "max_new_tokens": 160},
-        "eval": {"num_problems": 1000, "max_new_tokens": 160, "batch_size": 100, "ood_problems": 100},
+        # before GRPO, 8 samples of each of 100 problems at GRPO's temperature (~5 min): what GRPO could gain
+        "eval": {"num_problems": 1000, "max_new_tokens": 160, "batch_size": 100, "ood_problems": 100,
+                 "headroom_samples": 8},
     },
     "default": {},
 }
@@ -176,7 +185,8 @@ def validate(config: RunConfig, task: Task) -> None:
         "--grpo-samples": config.grpo.num_prompts, "--grpo-epochs": config.grpo.epochs,
         "--grpo-lr": config.grpo.lr, "--group-size": config.grpo.group_size,
         "--lora-rank": config.model.lora_rank, "--lora-alpha": config.model.lora_alpha,
-        "--temperature": config.grpo.temperature, "--eval-samples": config.eval.num_problems,
+        "--temperature": config.grpo.temperature, "--rollout-budget": config.grpo.rollout_budget,
+        "--eval-samples": config.eval.num_problems,
         "--eval-every-samples": config.eval.every_problems,
     }
     for flag, value in positive.items():
@@ -225,8 +235,10 @@ OPTION_FIELDS = {
     "grpo_warmup_steps": "grpo.warmup_steps", "group_size": "grpo.group_size",
     "prompts_per_step": "grpo.prompts_per_step", "temperature": "grpo.temperature",
     "loss_variant": "grpo.loss_variant", "beta": "grpo.beta", "epsilon": "grpo.epsilon",
-    "updates_per_batch": "grpo.updates_per_batch", "eval_samples": "eval.num_problems",
+    "updates_per_batch": "grpo.updates_per_batch", "dynamic_sampling": "grpo.dynamic_sampling",
+    "rollout_budget": "grpo.rollout_budget", "eval_samples": "eval.num_problems",
     "eval_every": "eval.every_steps", "eval_every_samples": "eval.every_problems", "ood_samples": "eval.ood_problems",
+    "headroom_samples": "eval.headroom_samples",
     "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint",
 }
 

@@ -3,6 +3,7 @@ completion length, and pass@k with sampling."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,8 +25,11 @@ class EvalResult:
     mean_completion_tokens: float
     reward: float = 0.0
     reward_components: dict[str, float] = field(default_factory=dict)
-    pass_at_k: float | None = None
+    pass_at_k: float | None = None  # with k samples per problem: at least one right
     k: int | None = None
+    mean_at_k: float | None = None  # the share of the k samples right, averaged over problems
+    maj_at_k: float | None = None  # the samples' most frequent final answer right
+    temperature: float | None = None  # of the k samples
     samples: list[dict] = field(default_factory=list)
     solved: str = ""  # per problem, in order: "1" answered correctly, "0" not
 
@@ -84,9 +88,24 @@ def paired_line(comparison: dict, before: str, after: str) -> str:
 
 def pass_at_k(rewards: dict[str, Reward], problems: list[TaskProblem], completions: list[list[str]]) -> float:
     """Fraction of problems with at least one correct answer among their k samples (n = k, so exact)."""
-    solved = [any(is_correct(rewards, text, problem) for text in texts)
-              for problem, texts in zip(problems, completions)]
-    return float(np.mean(solved)) if solved else 0.0
+    return sampled_accuracies(rewards, problems, completions)["pass_at_k"]
+
+
+def sampled_accuracies(rewards: dict[str, Reward], problems: list[TaskProblem], completions: list[list[str]]
+                       ) -> dict[str, float]:
+    """k sampled completions per problem -> mean@k (the share right), maj@k (the most frequent final answer
+    right; ties go to the answer given first; completions without one do not vote) and pass@k (any right).
+    Where greedy stands below maj@k, GRPO has answers the model already samples to make its first choice."""
+    mean, majority, any_right = [], [], []
+    for problem, texts in zip(problems, completions):
+        right = [is_correct(rewards, text, problem) for text in texts]
+        votes = Counter(answer for text in texts if (answer := final_answer(text)))
+        top = votes.most_common(1)[0][0] if votes else None
+        mean.append(float(np.mean(right)))
+        majority.append(any(r for text, r in zip(texts, right) if top is not None and final_answer(text) == top))
+        any_right.append(any(right))
+    return {name: float(np.mean(values)) if values else 0.0
+            for name, values in (("mean_at_k", mean), ("maj_at_k", majority), ("pass_at_k", any_right))}
 
 
 def complete(backend: Backend, problems: list[TaskProblem], config: EvalConfig, label: str, temperature: float = 0.0,
@@ -110,20 +129,31 @@ def complete(backend: Backend, problems: list[TaskProblem], config: EvalConfig, 
 
 def evaluate(backend: Backend, rewards: dict[str, Reward], problems: list[TaskProblem], config: EvalConfig,
              label: str = "eval") -> EvalResult:
-    """Greedy metrics; with config.samples_per_problem = k > 1, also pass@k at config.temperature."""
+    """Greedy metrics; with config.samples_per_problem = k > 1, also mean@k, maj@k and pass@k at
+    config.temperature."""
     result = score_completions(rewards, problems, *complete(backend, problems, config, label))
     k = config.samples_per_problem
     if k > 1:
         repeated = [p for p in problems for _ in range(k)]
-        texts, _ = complete(backend, repeated, config, f"{label} pass@{k}", config.temperature, seed=config.seed)
-        result.pass_at_k = pass_at_k(rewards, problems, [texts[i * k:(i + 1) * k] for i in range(len(problems))])
-        result.k = k
+        texts, _ = complete(backend, repeated, config, f"{label} {k} samples", config.temperature, seed=config.seed)
+        for name, value in sampled_accuracies(rewards, problems, [texts[i * k:(i + 1) * k]
+                                                                  for i in range(len(problems))]).items():
+            setattr(result, name, value)
+        result.k, result.temperature = k, config.temperature
     return result
 
 
 def extra_sets(task: Task, count: int, seed: int) -> dict[str, list[TaskProblem]]:
     """The task's evaluation sets beyond the held-out one (addition: 2 or 4 operands, 3-digit operands)."""
     return {name: task.extra_set(name, count, seed) for name in task.extra_sets} if count else {}
+
+
+def sampled_line(name: str, result: EvalResult) -> str:
+    """'in distribution, 200 problems: greedy 81.0%, mean@8 77.3%, maj@8 84.5%, pass@8 95.0% (temperature 1)'."""
+    k = result.k
+    return (f"{name.replace('_', ' ')}, {result.num_problems:,} problems: greedy {result.accuracy:.1%}, "
+            f"mean@{k} {result.mean_at_k:.1%}, maj@{k} {result.maj_at_k:.1%}, pass@{k} {result.pass_at_k:.1%} "
+            f"(temperature {result.temperature:g})")
 
 
 def results_table(results: dict[str, EvalResult], first_column: str = "stage") -> str:
@@ -133,14 +163,16 @@ def results_table(results: dict[str, EvalResult], first_column: str = "stage") -
     components = next(iter(results.values())).reward_components if results else {}
     others = [name for name in components if name not in ("correctness", "format")]
     header = f"| {first_column} | accuracy | format | " + "".join(f"{n.replace('_', ' ')} | " for n in others)
-    header += "reward | mean tokens |" + (" pass@k |" if with_pass else "")
-    lines = [header, "|---" * (5 + len(others) + with_pass) + "|"]
+    header += "reward | mean tokens |" + (" mean@k | maj@k | pass@k |" if with_pass else "")
+    lines = [header, "|---" * (5 + len(others) + 3 * with_pass) + "|"]
     for stage, result in results.items():
         line = (f"| {stage.replace('_', ' ')} | {result.accuracy:.1%} | {result.format_compliance:.1%} | "
                 + "".join(f"{result.reward_components.get(n, 0.0):.1%} | " for n in others)
                 + f"{result.reward:.2f} | {result.mean_completion_tokens:.0f} |")
         if with_pass:
-            line += f" {result.pass_at_k:.1%} (k={result.k}) |" if result.pass_at_k is not None else " |"
+            line += (" |" * 3 if result.pass_at_k is None else
+                     "".join(f" {value:.1%} (k={result.k}) |" if value is not None else " |"
+                             for value in (result.mean_at_k, result.maj_at_k, result.pass_at_k)))
         lines.append(line)
     return "\n".join(lines)
 

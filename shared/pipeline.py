@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -14,11 +15,13 @@ import numpy as np
 
 from shared.backend import Backend
 from shared.checkpoints import save_checkpoint
-from shared.config import ModelConfig, RunConfig
+from shared.config import EvalConfig, ModelConfig, RunConfig
 from shared.errors import Interrupted
-from shared.evaluation import EvalResult, evaluate, extra_sets, paired_comparison, paired_line, results_table
+from shared.evaluation import (EvalResult, evaluate, extra_sets, paired_comparison, paired_line, results_table,
+                               sampled_line)
 from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
 from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
+from shared.prompt_pool import PromptPool
 from shared.report import write_report
 from shared.run_records import start_records
 from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState, drop_older_periodic,
@@ -31,7 +34,8 @@ from shared.training import summed, train_grpo, train_sft
 
 logger = logging.getLogger("local_reasoning")
 
-STAGE_LABELS = {"before_sft": "before SFT", "after_sft": "after SFT", "after_grpo": "after GRPO"}
+STAGE_LABELS = {"before_sft": "before SFT", "after_sft": "after SFT", "headroom": "after SFT, sampled",
+                "after_grpo": "after GRPO"}
 
 
 def resolve_model(name: str, trust_remote_code: bool = False) -> Path | str:
@@ -58,6 +62,7 @@ class Run:
     state: RunState
     task: Task
     eval_problems: list[TaskProblem]
+    pool: PromptPool | None = None  # GRPO's pass rates per prompt (dynamic sampling), saved with resume points
 
 
 def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Path] | None = None
@@ -104,6 +109,8 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
                 evaluate_stage(run, "after_sft")
             if config.grpo.beta:  # the KL's reference is the policy GRPO started from
                 backend.set_reference(sft_folder if state.phase == "grpo" else None)
+            if config.eval.headroom_samples and "headroom" not in state.results:
+                measure_headroom(run)
             if not (state.phase == "grpo" and state.phase_complete):
                 train_phase(run, "grpo")
             if "after_grpo" not in state.results:
@@ -156,7 +163,10 @@ def train_phase(run: Run, phase: str) -> None:
     else:
         problems = run.task.training_problems(config.grpo.num_prompts, config.seed + 1, for_sft=False)
         batch_size = config.grpo.prompts_per_step
-        steps = functools.partial(train_grpo, rewards=run.task.rewards)
+        resumed = state.phase == "grpo" and state.step and state.prompt_pool
+        run.pool = None if not config.grpo.dynamic_sampling else \
+            PromptPool(**state.prompt_pool) if resumed else PromptPool(len(problems))
+        steps = functools.partial(train_grpo, rewards=run.task.rewards, pool=run.pool)
     total = phase_steps(len(problems), batch_size, settings.epochs)
     start_step = state.step if state.phase == phase else 0
     carried, began = (state.timings.get(f"{phase}_s", 0.0) if start_step else 0.0), time.perf_counter()
@@ -211,9 +221,20 @@ def evaluate_stage(run: Run, stage: str) -> None:
     run.state.results[stage] = evaluate_and_log(run, stage, STAGE_LABELS[stage], problems)
 
 
-def evaluate_and_log(run: Run, stage: str, label: str, problems: list[TaskProblem], step: int | None = None
-                     ) -> EvalResult:
-    result = evaluate(run.backend, run.task.rewards, problems, run.config.eval, label=f"eval {label}")
+def measure_headroom(run: Run) -> None:
+    """What GRPO could gain, before it spends its minutes: the SFT model sampled k times per problem at GRPO's
+    temperature. maj@k above greedy: right answers the model already samples, for GRPO to make its first."""
+    settings = dataclasses.replace(run.config.eval, samples_per_problem=run.config.eval.headroom_samples,
+                                   temperature=run.config.grpo.temperature)
+    problems = run.eval_problems[:run.config.eval.headroom_problems]
+    run.state.results["headroom"] = result = evaluate_and_log(run, "headroom", STAGE_LABELS["headroom"], problems,
+                                                              settings=settings)
+    logger.info("headroom before GRPO: %s", sampled_line("after SFT", result))
+
+
+def evaluate_and_log(run: Run, stage: str, label: str, problems: list[TaskProblem], step: int | None = None,
+                     settings: EvalConfig | None = None) -> EvalResult:
+    result = evaluate(run.backend, run.task.rewards, problems, settings or run.config.eval, label=f"eval {label}")
     run.metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary()})
     run.metrics.samples(stage if step is None else f"{stage}_step_{step}", result.samples)
     logger.info("%s: accuracy %.1f%%, format %.1f%%", label, 100 * result.accuracy, 100 * result.format_compliance)
@@ -225,6 +246,7 @@ def save(run: Run, folder: Path, phase: str, step: int, total: int, seconds: flo
     state = run.state
     state.phase, state.step, state.total_steps, state.metrics_records = phase, step, total, len(run.metrics.records)
     state.timings[f"{phase}_s"] = seconds
+    state.prompt_pool = run.pool.to_dict() if phase == "grpo" and run.pool else None
     if run.backend.rank == 0:
         save_checkpoint(run.backend, folder, run.config.to_json(), {STATE_FILE: state.to_json()})
 

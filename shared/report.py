@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.evaluation import EvalResult, paired_line, results_table
+from shared.evaluation import EvalResult, paired_line, results_table, sampled_line
 
 logger = logging.getLogger("local_reasoning")
 
@@ -142,6 +142,7 @@ def write_report(output: Path, run_config_json: str, records: list[dict], result
         f"## Held-out problems ({next(iter(results.values())).num_problems if results else 0}, greedy)", "",
         results_table({stage_labels[s]: r for s, r in results.items()}), "",
     ]
+    lines += [f"Sampled {sampled_line(stage_labels[s], r)}.\n" for s, r in results.items() if r.k]
     if grpo_gain:
         lines += [paired_line(grpo_gain, "after SFT", "after GRPO") + ".", ""]
     if out_of_distribution:

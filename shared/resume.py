@@ -42,6 +42,7 @@ class RunState:
     metrics_records: int = 0  # metrics.jsonl lines written up to this point
     results: dict[str, EvalResult] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_pool: dict | None = None  # GRPO's pass rates per prompt, with --dynamic-sampling
 
     @property
     def progress(self) -> tuple[int, int]:

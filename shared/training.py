@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -14,6 +15,7 @@ from shared.distributed import gather_shards, shard
 from shared.errors import DivergedError
 from shared.grpo import group_advantages, rows_with_signal
 from shared.padding import pack_batch
+from shared.prompt_pool import PromptPool, informative_groups
 from shared.progress import progress_bar
 from shared.prompts import decode_completion, encode_prompts, encode_targets
 from shared.resume import phase_steps, step_seed
@@ -113,38 +115,116 @@ def score_group(texts: list[str], problem: TaskProblem, rewards: dict[str, Rewar
     return [combined_reward(c, weights) for c in components], components
 
 
+@dataclass
+class Rollouts:
+    """Groups of G sampled completions on this process, scored: per group its rewards; per row the prompt's and
+    completion's tokens and the reward components."""
+    scores: list[list[float]] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)
+    completions: list[list[int]] = field(default_factory=list)
+    components: list[dict] = field(default_factory=list)
+
+    def select_groups(self, chosen: list[int], group_size: int) -> "Rollouts":
+        rows = [g * group_size + i for g in chosen for i in range(group_size)]
+        return Rollouts([self.scores[g] for g in chosen], [self.prompts[r] for r in rows],
+                        [self.completions[r] for r in rows], [self.components[r] for r in rows])
+
+    def extend(self, other: "Rollouts") -> None:
+        for name in ("scores", "prompts", "completions", "components"):
+            getattr(self, name).extend(getattr(other, name))
+
+
+def roll_out(backend: Backend, problems: list[TaskProblem], indices: list[int], config: GRPOConfig,
+             rewards: dict[str, Reward], step: int, seed: int) -> Rollouts:
+    """G completions for each of this process's prompts (`indices`, already its shard), scored."""
+    if not indices:
+        return Rollouts()
+    prompts = [ids for ids in encode_prompts(backend.tokenizer, [problems[i] for i in indices])
+               for _ in range(config.group_size)]
+    try:
+        completions = backend.generate(prompts, config.max_new_tokens, config.temperature, seed=seed)
+    except DivergedError as error:
+        raise diverged("GRPO", step, str(error), "--grpo-lr") from None
+    texts = [decode_completion(backend.tokenizer, c) for c in completions]
+    rollouts = Rollouts(prompts=prompts, completions=completions)
+    for number, index in enumerate(indices):
+        group = texts[number * config.group_size:(number + 1) * config.group_size]
+        scores, components = score_group(group, problems[index], rewards)
+        rollouts.scores.append(scores)
+        rollouts.components += components
+    return rollouts
+
+
+def uniform_rollouts(backend: Backend, problems: list[TaskProblem], indices: list[int], config: GRPOConfig,
+                     rewards: dict[str, Reward], seed: int, step: int) -> tuple[Rollouts, Rollouts]:
+    """The step's shuffled batch, every group in the loss: (sampled, trained) are the same rollouts."""
+    mine = shard(indices, backend.rank, backend.world_size)  # whole groups
+    rollouts = roll_out(backend, problems, mine, config, rewards, step,
+                        seed=(seed * 100_003 + step - 1) * backend.world_size + backend.rank)
+    return rollouts, rollouts
+
+
+def teaching_rollouts(backend: Backend, problems: list[TaskProblem], pool: PromptPool, config: GRPOConfig,
+                      rewards: dict[str, Reward], seed: int, step: int) -> tuple[Rollouts, Rollouts]:
+    """Dynamic sampling (DAPO): draw prompts by pass rate, keep the groups whose rewards differ, and draw
+    again until the step has --prompts-per-step of them or has sampled --rollout-budget times that many
+    groups. Every process draws the same prompts (the pool is the same everywhere) and samples its share.
+    Returns (every rollout sampled, the kept ones): the dropped groups count nowhere in the loss."""
+    rng = np.random.default_rng(step_seed(seed, "grpo", step))
+    budget = math.ceil(config.prompts_per_step * config.rollout_budget)
+    sampled, kept = Rollouts(), Rollouts()
+    drawn: set[int] = set()
+    kept_groups = draw_round = 0
+    while kept_groups < config.prompts_per_step and len(drawn) < budget:
+        wanted = math.ceil((config.prompts_per_step - kept_groups) / pool.informative_share())
+        indices = pool.draw(rng, min(max(wanted, backend.world_size), budget - len(drawn)), exclude=drawn)
+        if not indices:
+            break
+        drawn.update(indices)
+        mine = shard(indices, backend.rank, backend.world_size)
+        rollouts = roll_out(backend, problems, mine, config, rewards, step,
+                            seed=(step_seed(seed, "grpo", step) * 64 + draw_round) * backend.world_size + backend.rank)
+        scores = gather_shards(rollouts.scores, backend.rank, backend.world_size, backend.all_sum)
+        correct = every_group(backend, [bool(c["correctness"]) for c in rollouts.components], config.group_size)
+        for number, index in enumerate(indices):
+            pool.record(index, correct[number * config.group_size:(number + 1) * config.group_size])
+        informative = set(informative_groups(np.array(scores)).tolist())
+        pool.count_groups(len(indices), len(informative))
+        mine_kept = [local for local, number in enumerate(range(len(indices))[backend.rank::backend.world_size])
+                     if number in informative]
+        sampled.extend(rollouts)
+        kept.extend(rollouts.select_groups(mine_kept, config.group_size))
+        kept_groups += len(informative)
+        draw_round += 1
+    return sampled, kept
+
+
 def train_grpo(backend: Backend, problems: list[TaskProblem], config: GRPOConfig, seed: int, log: Log,
-               start_step: int = 0, *, rewards: dict[str, Reward]) -> Iterator[int]:
+               start_step: int = 0, *, rewards: dict[str, Reward], pool: PromptPool | None = None) -> Iterator[int]:
     """Sample G completions per prompt, score them, and push toward the better ones of each group;
-    yields each finished step."""
+    yields each finished step. With a `pool` (--dynamic-sampling) the step's prompts are drawn by pass
+    rate and only groups whose rewards differ are trained on."""
     tokenizer = backend.tokenizer
     total_steps = phase_steps(len(problems), config.prompts_per_step, config.epochs)
-    batches = shuffled_batches(len(problems), config.prompts_per_step, config.epochs, seed, skip=start_step)
+    steps_per_epoch = phase_steps(len(problems), config.prompts_per_step, 1)
+    batches = shuffled_batches(len(problems), config.prompts_per_step, config.epochs, seed, skip=start_step) \
+        if pool is None else ((step, (step - 1) // steps_per_epoch, None)
+                              for step in range(start_step + 1, total_steps + 1))
     with progress_bar(total_steps, "GRPO", initial=start_step) as bar:
         for step, epoch, indices in batches:
             backend.seed(step_seed(seed, "grpo", step))
-            chosen = [problems[i] for i in shard(indices, backend.rank, backend.world_size)]  # whole groups
             began = time.perf_counter()
-            prompts = [ids for ids in encode_prompts(tokenizer, chosen) for _ in range(config.group_size)]
-            try:
-                completions = backend.generate(prompts, config.max_new_tokens, config.temperature,
-                                               seed=(seed * 100_003 + step - 1) * backend.world_size + backend.rank)
-            except DivergedError as error:
-                raise diverged("GRPO", step, str(error), "--grpo-lr") from None
-            texts = [decode_completion(tokenizer, c) for c in completions]
+            sampled, kept = (uniform_rollouts(backend, problems, indices, config, rewards, seed, step) if pool is None
+                             else teaching_rollouts(backend, problems, pool, config, rewards, seed, step))
             decoding = decoding_stats(backend.generation_stats)
-            scores, components = [], []
-            for index, problem in enumerate(chosen):
-                group = slice(index * config.group_size, (index + 1) * config.group_size)
-                group_rewards, group_components = score_group(texts[group], problem, rewards)
-                scores.append(group_rewards)
-                components += group_components
-            advantages = group_advantages(np.array(scores), scale_by_std=config.loss_variant != "dr_grpo")
+            prompts, completions = kept.prompts, kept.completions
+            advantages = group_advantages(np.array(kept.scores).reshape(-1, config.group_size),
+                                          scale_by_std=config.loss_variant != "dr_grpo")
             advantages = advantages.ravel().astype(np.float32)
             trained = rows_with_signal(advantages, config.beta)
             rollout_seconds = time.perf_counter() - began
             lr = learning_rate(step - 1, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
-            # the loss's normalisers count every process's samples, so the summed gradients are the step's
+            # the loss's normalisers count every process's rows in the loss, so the summed gradients are the step's
             sequences, completion_tokens, trained_sequences = summed(
                 backend, len(prompts), sum(len(c) for c in completions), len(trained))
             stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}  # no signal: no update
@@ -165,14 +245,14 @@ def train_grpo(backend: Backend, problems: list[TaskProblem], config: GRPOConfig
                 if backend.world_size > 1:  # loss adds up over processes; the token fractions are averaged
                     loss, clipped, kl = summed(backend, stats["loss"], stats["clip_fraction"], stats["kl"])
                     stats.update(loss=loss, clip_fraction=clipped / backend.world_size, kl=kl / backend.world_size)
-            scores = gather_shards(scores, backend.rank, backend.world_size, backend.all_sum)
-            components = every_group(backend, components, config.group_size)
-            lengths = every_group(backend, [len(c) for c in completions], config.group_size)
-            means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in components[0]}
-            tokens_per_s = summed(backend, sum(len(p) + len(c) for p, c in zip(prompts, completions)))[0] / \
-                (time.perf_counter() - began)
+            scores = gather_shards(sampled.scores, backend.rank, backend.world_size, backend.all_sum)
+            components = every_group(backend, sampled.components, config.group_size)
+            lengths = every_group(backend, [len(c) for c in sampled.completions], config.group_size)
+            means = {f"reward_{name}": float(np.mean([c[name] for c in components])) for name in rewards}
+            tokens_per_s = summed(backend, sum(len(p) + len(c) for p, c in zip(sampled.prompts, sampled.completions))
+                                  )[0] / (time.perf_counter() - began)
             log({"phase": "grpo", "step": step, "epoch": epoch, "lr": lr, **stats,
-                 "reward": float(np.mean(scores)), **means,
+                 "reward": float(np.mean(scores)), **means, **sampling_stats(scores, pool, config.group_size),
                  "completion_tokens": float(np.mean(lengths)),
                  "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds, **decoding,
                  "step_s": time.perf_counter() - began, "tokens_per_s": tokens_per_s, **processes(backend)})
@@ -180,3 +260,14 @@ def train_grpo(backend: Backend, problems: list[TaskProblem], config: GRPOConfig
                              "tokens/s": f"{tokens_per_s:.0f}"})
             bar.update()
             yield step
+
+
+def sampling_stats(scores: list[list[float]], pool: PromptPool | None, group_size: int) -> dict:
+    """What a step's rollouts were worth: groups sampled, those whose rewards differed (the informative ones,
+    the only ones with an advantage), and with dynamic sampling the completions spent per group kept."""
+    informative = len(informative_groups(np.array(scores)))
+    stats = {"sampled_groups": len(scores), "informative_groups": informative}
+    if pool is not None:
+        stats.update(rollouts_per_kept_group=len(scores) * group_size / informative if informative else None,
+                     **pool.summary())
+    return stats

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top, as ARCHITECTURE.md draws them; a package name stands for all its modules.
 LAYERS = [
-    ["shared.errors", "shared.progress", "shared.grpo", "shared.padding", "shared.drafts", "shared.tensor_files",
-     "shared.tracking", "shared.distributed"],
+    ["shared.errors", "shared.progress", "shared.grpo", "shared.prompt_pool", "shared.padding", "shared.drafts",
+     "shared.tensor_files", "shared.tracking", "shared.distributed"],
     ["shared.task", "shared.data", "shared.rewards", "shared.addition", "shared.countdown", "shared.file_task",
      "shared.reward_file", "shared.task_registry", "shared.config", "shared.layouts"],
     ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",

@@ -105,13 +105,17 @@ def test_eval_and_infer_commands(trained_run, cache_env, tmp_path):
     folder = trained_run[0] / "reasoning_final"
     report = tmp_path / "eval.json"
     result = run_cli("eval", "--checkpoint", folder, "--num-samples", "5", "--ood-samples", "3",
-                     "--samples-per-problem", "2", "--json", report, "--compare", trained_run[0] / "sft_final",
+                     "--samples", "2", "--json", report, "--compare", trained_run[0] / "sft_final",
                      env_extra=cache_env)
     assert result.returncode == 0, result.stderr[-2000:]
     sets = json.loads(report.read_text())
     assert list(sets) == ["in_distribution", "two_operands", "four_operands", "three_digit"]
     assert sets["in_distribution"]["num_problems"] == 5 and sets["three_digit"]["num_problems"] == 3
-    assert sets["in_distribution"]["k"] == 2 and 0 <= sets["in_distribution"]["pass_at_k"] <= 1
+    sampled = sets["in_distribution"]
+    assert sampled["k"] == 2 and 0 <= sampled["mean_at_k"] <= sampled["pass_at_k"] <= 1
+    assert 0 <= sampled["maj_at_k"] <= sampled["pass_at_k"]
+    assert (f"in distribution, 5 problems: greedy {sampled['accuracy']:.1%}, mean@2 {sampled['mean_at_k']:.1%}, "
+            f"maj@2 {sampled['maj_at_k']:.1%}, pass@2 {sampled['pass_at_k']:.1%} (temperature 1)") in result.stdout
     assert set(sets["four_operands"]["reward_components"]) == {"correctness", "format", "steps", "verification",
                                                                "step_validity"}
     assert "| three digit |" in result.stdout and "pass@k" in result.stdout

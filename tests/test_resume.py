@@ -95,6 +95,25 @@ def test_kill_9_mid_sft_and_mid_grpo_then_resume_gives_the_uninterrupted_run(uni
         f"error: the run in {tmp_path} has finished; there is nothing to resume"]
 
 
+def test_dynamic_sampling_resumes_with_the_pass_rates_it_had(cache_env, tmp_path):
+    """The pool of pass rates is part of where GRPO stands: a run killed mid-GRPO draws the same prompts after
+    --resume as the uninterrupted run, and measures the same headroom once."""
+    dynamic = ("--dynamic-sampling", "--headroom-samples", "2")
+    reference = tmp_path / "reference"
+    result = run_cli("train", *BUDGET, "--backend", "torch", *dynamic, "--output-dir", reference, env_extra=cache_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grpo = [r for r in numbers(reference) if r["phase"] == "grpo"]
+    assert all(r["sampled_groups"] >= 4 and "prompts_tried" in r for r in grpo)
+    assert len([r for r in numbers(reference) if r.get("stage") == "headroom"]) == 1
+    resumed = tmp_path / "resumed"
+    killed = stop_when(train_command("torch", resumed, *dynamic), resumed / "checkpoints" / "grpo-step-000003",
+                       signal.SIGKILL, cache_env)
+    assert killed.returncode == -signal.SIGKILL
+    finished = run_cli("train", "--resume", "--output-dir", resumed, env_extra=cache_env)
+    assert finished.returncode == 0 and "resuming from" in finished.stderr, finished.stderr[-3000:]
+    assert_same_run(resumed, reference)
+
+
 def test_ctrl_c_saves_exits_130_and_the_same_command_continues(uninterrupted, cache_env, tmp_path):
     backend, reference = uninterrupted
     stopped = stop_when(train_command(backend, tmp_path), tmp_path / "checkpoints" / "sft-step-000003",
