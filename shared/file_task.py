@@ -35,7 +35,7 @@ class Example:
 def read_examples(path: Path) -> list[Example]:
     """The file's lines as examples; a UsageError naming the line and the field for the first bad one."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows editors write, is skipped
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"--task {path} cannot be read: {error}") from None
     examples = []

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from shared.checkpoints import check_can_write, write_atomically
 from shared.conversion import (SHORT_DTYPE_NAMES, ConversionRequest, convert_checkpoint, read_model_weights,
@@ -298,7 +300,9 @@ def write_gguf_file(path: Path, architecture: str, config: dict, arrays: dict[st
     writer = GGUFWriter(str(path), architecture)
     add_hyperparameters(writer, config, len(tokenizer.tokens), dtype, name)
     add_tokenizer(writer, tokenizer)
-    for tensor_name, array in arrays.items():
+    # a bar on a terminal only: the export is seconds for the models here, log lines would be noise
+    for tensor_name, array in tqdm(arrays.items(), desc="GGUF", unit="tensor", leave=False,
+                                   disable=not sys.stderr.isatty()):
         kind = storage_type(array, dtype)
         writer.add_tensor(tensor_name, quantize(array, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -363,31 +367,44 @@ def export_gguf(checkpoint: Path, output: Path, dtype: str = "f16", base: Path |
 
 # ---- Ollama -------------------------------------------------------------------------------------
 
-def prompt_around(chat_template: str, tokenizer: GgufTokenizer) -> tuple[str, str]:
-    """The text the chat template puts before and after one user message, with the assistant's turn opened:
-    exactly the prompt the model was trained on."""
+def render_chat(chat_template: str, tokenizer: GgufTokenizer, messages: list[dict], generation: bool) -> str:
+    """The chat template rendered as transformers renders it (a sandbox, blocks trimmed, loop controls)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    placeholder = "\x00prompt\x00"
-    # as transformers renders chat templates
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
-    rendered = environment.from_string(chat_template).render(
-        messages=[{"role": "user", "content": placeholder}], add_generation_prompt=True,
+    return environment.from_string(chat_template).render(
+        messages=messages, add_generation_prompt=generation,
         bos_token=tokenizer.token(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
         eos_token=tokenizer.token(tokenizer.eos_id))
-    if rendered.count(placeholder) != 1:
-        raise UserError("the chat template does not place the user's message once; write the Modelfile's "
-                        "TEMPLATE by hand")
-    before, after = rendered.split(placeholder)
-    return before, after
+
+
+def ollama_template(tokenizer: GgufTokenizer) -> str | None:
+    """The chat template as an Ollama (Go) template: the trained prompt around {{ .Prompt }}, the answer's turn
+    closed after {{ .Response }} so earlier turns render too; None for a template that cannot be cut so."""
+    from jinja2 import TemplateError
+
+    prompt, response = "\x00prompt\x00", "\x00response\x00"
+    user = {"role": "user", "content": prompt}
+    try:
+        opened = render_chat(tokenizer.chat_template, tokenizer, [user], generation=True)
+        answered = render_chat(tokenizer.chat_template, tokenizer,
+                               [user, {"role": "assistant", "content": response}], generation=False)
+    except TemplateError:
+        return None
+    if opened.count(prompt) != 1 or not answered.startswith(opened + response) or "{{" in opened + answered:
+        return None
+    closing = answered[len(opened + response):]
+    return opened.replace(prompt, "{{ .Prompt }}") + "{{ .Response }}" + closing
 
 
 def modelfile_text(gguf_name: str, tokenizer: GgufTokenizer) -> str:
-    """Ollama's Modelfile: the file, the trained prompt format as a Go template, the stop tokens, greedy decoding."""
-    before, after = prompt_around(tokenizer.chat_template, tokenizer)
+    """Ollama's Modelfile: the file, the trained prompt format, the stop tokens, greedy decoding."""
+    template = ollama_template(tokenizer)
     stops = dict.fromkeys([tokenizer.token(tokenizer.end_of_turn_id), tokenizer.token(tokenizer.eos_id)])
     lines = ["# ollama create my-reasoner -f Modelfile && ollama run my-reasoner \"Calculate 23 + 15 + 8\"",
-             f"FROM ./{gguf_name}", f'TEMPLATE """{before}{{{{ .Prompt }}}}{after}"""',
+             f"FROM ./{gguf_name}",
+             f'TEMPLATE """{template}"""' if template else
+             "# no TEMPLATE: the chat template could not be cut around one message; Ollama reads the file's",
              *(f'PARAMETER stop "{stop}"' for stop in stops), "PARAMETER temperature 0"]
     return "\n".join(lines) + "\n"

@@ -109,6 +109,22 @@ def test_export_then_import_gives_back_the_weights(model_dir, tmp_path):
     np.testing.assert_allclose(logits(exact_folder, text), logits(model_dir, text), atol=1e-5)
 
 
+def test_an_untied_output_layer_is_written_as_its_own_tensor(tiny_model_dir, tmp_path):
+    """Qwen2.5 from 1.5B up keeps lm_head apart from the embeddings."""
+    folder = tmp_path / "untied"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), tie_word_embeddings=False)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+    model.save_pretrained(folder)
+    for name in TINY_FILES:
+        shutil.copy(tiny_model_dir / name, folder / name)
+    back = imported(export(folder, tmp_path / "untied.gguf", "--dtype", "f32"), tmp_path)
+    expected, _ = read_model_weights(folder)
+    got, _ = read_model_weights(back)
+    np.testing.assert_array_equal(got["lm_head.weight"].as_float32(), expected["lm_head.weight"].as_float32())
+    assert not np.array_equal(got["lm_head.weight"].as_float32(), got["model.embed_tokens.weight"].as_float32())
+
+
 def test_a_wrong_rotary_row_order_would_be_caught(llama_dir, tmp_path, monkeypatch):
     import shared.gguf_export as gguf_export
 
@@ -211,7 +227,9 @@ def test_the_modelfile_names_the_file_the_prompt_format_and_the_stop_token(model
     assert "PARAMETER temperature 0" in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     problem = prompts(1)[0]
-    assert template.replace("{{ .Prompt }}", problem.prompt) == prompt_texts(load_tokenizer(model_dir), [problem])[0]
+    prompt, response = template.split("{{ .Response }}")
+    assert prompt.replace("{{ .Prompt }}", problem.prompt) == prompt_texts(load_tokenizer(model_dir), [problem])[0]
+    assert response == "<|im_end|>\n"  # an earlier turn's answer is closed as the template closes it
 
 
 def test_what_cannot_be_exported_is_one_line_and_no_file(tiny_model_dir, tmp_path):
@@ -276,3 +294,13 @@ def test_llama_cpp_reads_the_file_as_transformers_reads_the_folder(model_dir, tm
         template=llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="")
     prompt = formatter(messages=[{"role": "user", "content": problems[0].prompt}]).prompt
     assert prompt == text
+
+
+def test_a_template_that_cannot_be_cut_around_the_message_leaves_ollama_the_files_own():
+    from shared.gguf_export import GgufTokenizer, modelfile_text
+
+    tokenizer = GgufTokenizer(tokens=["<|endoftext|>", "<|im_end|>"], token_types=[3, 3], merges=[], pre="gpt-2",
+                              chat_template="{{ messages[0]['content'] | upper }}", eos_id=0, end_of_turn_id=1)
+    text = modelfile_text("m.gguf", tokenizer)
+    assert "TEMPLATE" not in text.replace("# no TEMPLATE", "") and "FROM ./m.gguf" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text

@@ -113,6 +113,16 @@ def test_lines_without_a_split_hold_out_one_in_twenty_by_prompt(tmp_path):
     assert {p.prompt for p in again.held_out(1000, 0)} == {p.prompt for p in task.held_out(1000, 0)}
 
 
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    lines = [{"prompt": f"Say {n}", "answer": n} for n in range(60)]
+    plain = write_lines(tmp_path / "plain.jsonl", *lines)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert [p.prompt for p in FileTask(str(marked)).held_out(100, 0)] == \
+        [p.prompt for p in FileTask(str(plain)).held_out(100, 0)]
+    assert FileTask(str(marked)).training_problems(1, 0, for_sft=False)[0].line >= 1
+
+
 @pytest.mark.parametrize("content, message", [
     ("", r"is empty: it needs one JSON object per line"),
     ('{"prompt": "a", "answer": 1, "split": "train"}\n{"prompt": "b", "answer": 2\n',
