@@ -241,7 +241,7 @@ OPTION_FIELDS = {
     "rollout_budget": "grpo.rollout_budget", "eval_samples": "eval.num_problems",
     "eval_every": "eval.every_steps", "eval_every_samples": "eval.every_problems", "ood_samples": "eval.ood_problems",
     "headroom_samples": "eval.headroom_samples",
-    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint", "export_gguf": "export_gguf",
+    "mode": "mode", "seed": "seed", "sft_checkpoint": "sft_checkpoint",
 }
 
 
@@ -268,6 +268,7 @@ def run_config_from_options(options: dict, starting_settings: dict[str, dict] | 
         sections[section].update(values)
     top_level = {"backend": options["backend"], "output_dir": str(options["output_dir"]),
                  "wandb_project": None if options["no_wandb"] else options["wandb_project"],
+                 "export_gguf": options["export_gguf"],
                  "processes": launched_processes(),
                  "task": chosen_task(options["task"], options["reward_file"], starting_task)}
     for name, value in option_values(options).items():

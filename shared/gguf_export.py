@@ -192,7 +192,7 @@ def pre_tokenizer_name(tokenizer_json: dict, tokenizer_class: str, where: Path) 
             and not steps[1].get("use_regex", True):
         return "qwen2"
     raise UsageError(f"{where}: its tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no llama.cpp "
-                    "counterpart we know (supported: GPT-2, SmolLM and Qwen2 byte-level BPE)")
+                     "counterpart we know (supported: GPT-2, SmolLM and Qwen2 byte-level BPE)")
 
 
 def merge_text(merge) -> str:

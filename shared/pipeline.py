@@ -79,8 +79,8 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
                     resume[0].total_steps)
     state, resume_folder = resume if resume else (RunState(), None)
     start = None if resume else starting_model(config, backend)  # checked before anything is written
-    if config.export_gguf and start is not None:
-        check_exportable(local_model(start))
+    if config.export_gguf:  # llama.cpp can read what the run will write: known before it trains
+        check_exportable(local_model(start) if start is not None else resume_folder)
     writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
     if writes:
         output.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
 
 
 def export_final_model(run: Run) -> None:
-    """The run's last model as FINAL.gguf beside its folder (replaced by a later run), with a Modelfile."""
+    """The run's last model as reasoning_final.gguf (sft_final.gguf) beside its folder, with a Modelfile."""
     name = FINAL_FOLDERS["grpo" if run.config.mode in ("grpo", "full") else "sft"]
     exported = export_gguf(run.output / name, run.output / f"{name}.gguf", run.config.export_gguf, replace=True)
     logger.info("GGUF: %s", exported.summary())

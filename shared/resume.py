@@ -202,6 +202,8 @@ def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig,
         config.sft.save_every = config.grpo.save_every = options["save_every"]
     if options["no_wandb"] or options["wandb_project"]:
         config.wandb_project = None if options["no_wandb"] else options["wandb_project"]
+    if options["export_gguf"]:  # what happens after the run: asking for it on resume is fine
+        config.export_gguf = options["export_gguf"]
     return config, point
 
 
@@ -234,10 +236,10 @@ def unfinished_run_to_continue(config: RunConfig) -> tuple[RunState, Path] | Non
 
 
 def same_run(a: RunConfig, b: RunConfig) -> bool:
-    """Equal in everything that decides the numbers (not where they are logged, nor how often saved)."""
+    """Equal in everything that decides the numbers (not where they are logged, how often saved, or exported)."""
     def essentials(config: RunConfig) -> dict:
         values = json.loads(config.to_json())
-        values.pop("wandb_project")
+        values.pop("wandb_project"), values.pop("export_gguf", None)
         values["sft"].pop("save_every"), values["grpo"].pop("save_every")
         return values
     return essentials(a) == essentials(b)

@@ -109,9 +109,11 @@ def test_dynamic_sampling_resumes_with_the_pass_rates_it_had(cache_env, tmp_path
     killed = stop_when(train_command("torch", resumed, *dynamic), resumed / "checkpoints" / "grpo-step-000003",
                        signal.SIGKILL, cache_env)
     assert killed.returncode == -signal.SIGKILL
-    finished = run_cli("train", "--resume", "--output-dir", resumed, env_extra=cache_env)
+    # asking for the GGUF file only now is fine: it changes nothing the run computes
+    finished = run_cli("train", "--resume", "--output-dir", resumed, "--export-gguf", env_extra=cache_env)
     assert finished.returncode == 0 and "resuming from" in finished.stderr, finished.stderr[-3000:]
     assert_same_run(resumed, reference)
+    assert (resumed / "reasoning_final.gguf").is_file() and not (reference / "reasoning_final.gguf").exists()
 
 
 def test_ctrl_c_saves_exits_130_and_the_same_command_continues(uninterrupted, cache_env, tmp_path):
