@@ -50,16 +50,21 @@ def peft_checkpoint(tiny_model_dir, tmp_path_factory):
     return save_checkpoint(backend, tmp_path_factory.mktemp("peft") / "adapter", "{}")
 
 
-@pytest.fixture(scope="module")
-def mlx_checkpoint(tiny_model_dir, tmp_path_factory):
+def random_mlx_adapter(base, folder, seed):
+    """An mlx-lm adapter with non-zero factors on `base` (quantized or not), saved as the backend saves it."""
     from mlx.utils import tree_flatten
 
     backend = MLXBackend()
-    backend.load(tiny_model_dir, LORA, trainable=True)
+    backend.load(base, LORA, trainable=True)
     parameters = dict(tree_flatten(backend.model.trainable_parameters()))
-    backend.model.load_weights([(n, mx.array(v)) for n, v in randomize(parameters, parameters, 1).items()],
+    backend.model.load_weights([(n, mx.array(v)) for n, v in randomize(parameters, parameters, seed).items()],
                                strict=False)
-    return save_checkpoint(backend, tmp_path_factory.mktemp("mlx") / "adapter", "{}")
+    return save_checkpoint(backend, folder, "{}")
+
+
+@pytest.fixture(scope="module")
+def mlx_checkpoint(tiny_model_dir, tmp_path_factory):
+    return random_mlx_adapter(tiny_model_dir, tmp_path_factory.mktemp("mlx") / "adapter", seed=1)
 
 
 def torch_logits(model) -> np.ndarray:

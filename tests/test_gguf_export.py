@@ -172,17 +172,9 @@ def test_adapters_of_either_backend_are_merged_into_their_base(tiny_model_dir, p
 def test_a_qlora_adapter_is_merged_into_its_dequantized_base(quantized_dir, tmp_path):
     import mlx.core as mx
     import mlx_lm
-    from mlx.utils import tree_flatten
-    from reasoning_mlx.backend import MLXBackend
-    from shared.checkpoints import save_checkpoint
-    from test_conversion import LORA, randomize
+    from test_conversion import random_mlx_adapter
 
-    backend = MLXBackend()
-    backend.load(quantized_dir, LORA, trainable=True)
-    parameters = dict(tree_flatten(backend.model.trainable_parameters()))
-    backend.model.load_weights([(n, mx.array(v)) for n, v in randomize(parameters, parameters, 2).items()],
-                               strict=False)
-    adapter = save_checkpoint(backend, tmp_path / "qlora", "{}")
+    adapter = random_mlx_adapter(quantized_dir, tmp_path / "qlora", seed=2)
     folder = imported(export(adapter, tmp_path / "qlora.gguf", "--dtype", "f32"), tmp_path)
     ids = load_tokenizer(folder)("Calculate 23 + 15 + 8", add_special_tokens=False)["input_ids"]
     model, _ = mlx_lm.load(str(quantized_dir), adapter_path=str(adapter))
