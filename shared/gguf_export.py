@@ -29,6 +29,9 @@ from shared.tiny_model import CHAT_TEMPLATE
 
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 GGUF_DTYPES = ("f16", "bf16", "f32", "q8_0")
+# the import's tables the other way round: Hugging Face names to llama.cpp's
+GGUF_TOP_LEVEL_NAMES = {hf: gguf for gguf, hf in TOP_LEVEL_TENSORS.items()}
+GGUF_BLOCK_NAMES = {hf: gguf for gguf, hf in BLOCK_TENSORS.items()}
 END_OF_TURN = "<|im_end|>"
 # llama.cpp's token types
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -127,14 +130,13 @@ def full_model_folder(checkpoint: Path, base: Path | None):
 
 def gguf_tensor_name(hf_name: str) -> str | None:
     """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'; None where llama.cpp has no place."""
-    top_level = {hf: gguf for gguf, hf in TOP_LEVEL_TENSORS.items()}
-    if hf_name in top_level:
-        return top_level[hf_name]
-    blocks = {hf: gguf for gguf, hf in BLOCK_TENSORS.items()}
+    if hf_name in GGUF_TOP_LEVEL_NAMES:
+        return GGUF_TOP_LEVEL_NAMES[hf_name]
     parts = hf_name.split(".")
     module, kind = ".".join(parts[3:-1]), parts[-1]
-    if len(parts) > 4 and parts[:2] == ["model", "layers"] and module in blocks and kind in ("weight", "bias"):
-        return f"blk.{parts[2]}.{blocks[module]}.{kind}"
+    if len(parts) > 4 and parts[:2] == ["model", "layers"] and module in GGUF_BLOCK_NAMES \
+            and kind in ("weight", "bias"):
+        return f"blk.{parts[2]}.{GGUF_BLOCK_NAMES[module]}.{kind}"
     return None
 
 
@@ -355,7 +357,7 @@ def export_gguf(checkpoint: Path, output: Path, dtype: str = "f16", base: Path |
     try:
         with full_model_folder(checkpoint, base) as folder:
             tensors, _ = read_model_weights(folder)
-            arrays = gguf_tensors(tensors, read_json(folder / "config.json"), architecture, checkpoint)
+            arrays = gguf_tensors(tensors, config, architecture, checkpoint)
             write_gguf_file(staging, architecture, config, arrays, tokenizer, dtype, checkpoint.resolve().name)
         os.replace(staging, output)
     finally:
