@@ -29,6 +29,9 @@ def cli() -> None:
     """Teach a small language model to reason step by step: SFT, then GRPO."""
 
 
+MAX_SEQ_LEN = click.option("--max-seq-len", type=POSITIVE_INT, help="longest prompt + completion in tokens: a "
+                           "problem beyond it is an error before any work [the model's positions]")
+TRUNCATE = click.option("--truncate", is_flag=True, help="cut prompts beyond --max-seq-len from the left instead")
 TRAIN_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
                  help="auto: MLX on Apple Silicon, PyTorch on NVIDIA, else the faster on CPU"),
@@ -76,6 +79,9 @@ TRAIN_OPTIONS = [
                  help="at the end, write reasoning_final.gguf (--mode sft: sft_final.gguf) and an Ollama Modelfile "
                       "into --output-dir [alone: f16]"),
     click.option("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward pass (gradients accumulate)"),
+    MAX_SEQ_LEN, TRUNCATE,
+    click.option("--gradient-checkpointing", is_flag=True, help="recompute activations in the backward pass: "
+                 "less memory, more time"),
     click.option("--wandb-project", help="log to this Weights & Biases project"),
     click.option("--no-wandb", is_flag=True, help="never log to W&B"),
     click.option("--trust-remote-code", is_flag=True, help="let a hub model run its own code"),
@@ -208,6 +214,8 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
               show_default=True, help="k > 1 also samples k completions per problem: mean@k, maj@k, pass@k")
 @click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True, help="of the k samples")
 @click.option("--max-new-tokens", type=POSITIVE_INT, default=256, show_default=True)
+@MAX_SEQ_LEN
+@TRUNCATE
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
 @click.option("--compare", type=click.Path(path_type=Path),
@@ -216,13 +224,14 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
 @click.option("--reward-file", type=click.Path(path_type=Path), help="rewards to add to the task's [the checkpoint's]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="WARNING")
 def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: int, samples_per_problem: int,
-                 temperature: float, max_new_tokens: int, seed: int, json_path: Path | None, compare: Path | None,
-                 task_name: str | None, reward_file: Path | None, log_level: str) -> None:
+                 temperature: float, max_new_tokens: int, max_seq_len: int | None, truncate: bool, seed: int,
+                 json_path: Path | None, compare: Path | None, task_name: str | None, reward_file: Path | None,
+                 log_level: str) -> None:
     """Score a checkpoint on held-out problems and the task's extra sets (greedy; --samples K adds mean@K,
     maj@K and pass@K)."""
     from shared.evaluation import add_comparisons, evaluate, extra_sets, results_table, sampled_line
-    from shared.layouts import check_checkpoint, check_new_tokens
-    from shared.prompts import encode_prompts
+    from shared.layouts import check_checkpoint
+    from shared.problem_sets import fit_evaluation_sets, sequence_limit
     from shared.task_registry import checkpoint_task
     from backends import load_for_inference
 
@@ -239,8 +248,7 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
     sets = {"in_distribution": task.held_out(num_samples, seed), **extra_sets(task, ood_samples, seed)}
-    longest_prompt = max(len(ids) for problems in sets.values() for ids in encode_prompts(model.tokenizer, problems))
-    check_new_tokens("--max-new-tokens", max_new_tokens, longest_prompt, checkpoint)
+    sets = fit_evaluation_sets(model.tokenizer, sets, max_new_tokens, sequence_limit(max_seq_len, checkpoint), truncate)
     results = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
                for name, problems in sets.items()}
     click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))

@@ -21,10 +21,12 @@ needs on Linux would also replace PyTorch's kernels) and the pairs run one after
   7. Greedy answers one at a time, as `infer` gives them: ours with n-gram drafts vs without (SmolLM2).
   8. GRPO against TRL's GRPOTrainer from one SmolLM2 SFT checkpoint at equal minutes, each paired on the same
      held-out problems (bench/grpo_vs_trl.py; about an hour here: ours, TRL, and their evaluations).
+  9. Peak memory of SmolLM2's SFT and GRPO steps: ours against TRL's trainers and mlx_lm.lora
+     (bench/memory.py; about 30 minutes here, and 18 GB for TRL's GRPO step).
 Groups (--only GROUP, repeatable): tiny-sft (1), tiny-grpo (2), rollout (3), qwen-architecture (4),
-smollm2 (5, 7), time-to-accuracy (6), grpo-vs-trl (8; not in the default set). Prints a markdown table, each
-row as soon as it is measured; --json writes rows {name, ours, peer, unit, ratio, goal, lower_is_better},
-rewritten after each.
+smollm2 (5, 7), time-to-accuracy (6), grpo-vs-trl (8), memory (9); the last two are not in the default set.
+Prints a markdown table, each row as soon as it is measured; --json writes rows {name, ours, peer, unit, ratio,
+goal, lower_is_better}, rewritten after each.
 TRL and mlx-lm are benchmark-only dependencies (pip install -e '.[bench]').
 """
 from __future__ import annotations
@@ -565,6 +567,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_rows(quick: bool):
+    import memory  # bench/memory.py, runnable alone
+
+    yield from memory.rows(quick)
+
+
 def grpo_vs_trl_rows(quick: bool, sft_checkpoint: Path | None = None):
     import grpo_vs_trl  # bench/grpo_vs_trl.py, runnable alone
 
@@ -573,7 +581,8 @@ def grpo_vs_trl_rows(quick: bool, sft_checkpoint: Path | None = None):
 
 GROUPS = {"tiny-sft": tiny_sft_rows, "tiny-grpo": tiny_grpo_rows, "rollout": rollout_rows,
           "qwen-architecture": qwen_architecture_rows, "smollm2": smollm2_rows,
-          "time-to-accuracy": time_to_accuracy_group, "grpo-vs-trl": grpo_vs_trl_rows}
+          "time-to-accuracy": time_to_accuracy_group, "grpo-vs-trl": grpo_vs_trl_rows, "memory": memory_rows}
+LONG_GROUPS = ("grpo-vs-trl", "memory")  # an hour, and TRL's GRPO step without checkpointing needs 18 GB
 
 
 def main() -> None:
@@ -595,7 +604,7 @@ def main() -> None:
         sys.exit(f"error: bench/run.py needs {', '.join(missing)}: pip install -e '.[torch,mlx,bench]'")
     began, rows = time.perf_counter(), []
     print(markdown([]), flush=True)
-    for group in args.only or [name for name in GROUPS if name != "grpo-vs-trl"]:
+    for group in args.only or [name for name in GROUPS if name not in LONG_GROUPS]:
         extra = {"sft_checkpoint": args.sft_checkpoint} if group == "grpo-vs-trl" else {}
         # each row as soon as it is measured: an interrupted run keeps them
         for measured in GROUPS[group](args.quick, **extra):

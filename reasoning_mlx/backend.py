@@ -14,7 +14,8 @@ from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.drafts import NgramDrafter
 from shared.grpo import policy_drift
-from shared.padding import TokenBatch, prefix_blocks
+from shared.memory import available_bytes
+from shared.padding import TokenBatch, prefix_blocks, rows_per_pass
 from shared.prompts import stop_token_ids
 from reasoning_mlx.batching import leading_padding, right_padded, roll_rows
 from reasoning_mlx.distributed import all_sum, join_group, sum_gradients
@@ -35,11 +36,13 @@ class MLXBackend:
         self.rank, self.world_size = join_group()
         self.loaded: LoadedModel | None = None
         self.model = self.tokenizer = self.optimizer = self.reference_weights = None
+        self.recomputes = False  # gradient checkpointing
         self.saved_optimizer_state: dict[str, mx.array] = {}
 
     def load(self, model_path: Path, model: ModelConfig, trainable: bool = True) -> None:
         self.loaded = load_model(model_path, model, trainable)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.recomputes = trainable and model.gradient_checkpointing  # a cached pass keeps what it would recompute
         self.optimizer = None
         self.reference_weights = None if self.loaded.lora else self.model.trainable_parameters()
         self.saved_optimizer_state = load_optimizer_state(Path(model_path)) if trainable else {}
@@ -79,19 +82,23 @@ class MLXBackend:
         """(rows, columns, inputs) for each micro-batch, where part_logprobs(inputs) are the log-probs of
         batch[rows, columns]: each distinct prompt run once (shared_prefix), or each row with its own
         copy of its prompt, rolled to start at column 0 (mlx-lm models take no attention mask)."""
-        if self.shared_prefix:
-            for block in prefix_blocks(batch, self.micro_batch_size):
+        if self.prefix_once:
+            for block in prefix_blocks(batch, self.rows_per_pass(batch)):
                 yield block.rows, block.columns, tuple(map(mx.array, (block.prompts, block.prompt_of_row,
                                                                       block.completions)))
             return
         shifts = leading_padding(batch.attention_mask)
         ids, width = roll_rows(batch.input_ids, shifts), batch.input_ids.shape[1]
-        for rows in self.row_slices(len(batch)):
+        for rows in self.row_slices(batch):
             rolled_back = (np.arange(width)[None] - shifts[rows, None]) % width
             yield np.arange(len(batch))[rows], slice(None), (mx.array(ids[rows]), mx.array(rolled_back))
 
+    @property
+    def prefix_once(self) -> bool:
+        return self.shared_prefix and not self.recomputes
+
     def part_logprobs(self, inputs: tuple, temperature: float) -> mx.array:
-        if self.shared_prefix:
+        if self.prefix_once:
             return prefix_logprobs(self.model, *inputs, temperature)
         ids, rolled_back = inputs
         return mx.take_along_axis(token_logprobs(self.model, ids, temperature), rolled_back, axis=1)
@@ -113,10 +120,14 @@ class MLXBackend:
         finally:
             self.model.update(current)
 
-    def row_slices(self, count: int):
+    def rows_per_pass(self, batch: TokenBatch) -> int:
+        return self.sequences_per_pass(batch.input_ids.shape[1], self.loaded.config["vocab_size"])
+
+    def row_slices(self, batch: TokenBatch):
         """One slice of rows per micro-batch."""
-        for start in range(0, count, self.micro_batch_size):
-            yield slice(start, start + self.micro_batch_size)
+        rows = self.rows_per_pass(batch)
+        for start in range(0, len(batch), rows):
+            yield slice(start, start + rows)
 
     def accumulate(self, loss_fn, inputs) -> tuple[float, dict, list[np.ndarray]]:
         """Summed loss and gradients over micro-batches, each evaluated before the next (bounded memory).
@@ -149,6 +160,20 @@ class MLXBackend:
     def weights_are_finite(self) -> bool:
         return all(mx.isfinite(value).all().item() for _, value in tree_flatten(self.model.trainable_parameters()))
 
+    def sequences_per_pass(self, columns: int, vocab_size: int) -> int:
+        return rows_per_pass(self.micro_batch_size, columns, vocab_size)
+
+    def available_memory(self) -> int | None:
+        if mx.metal.is_available():  # unified memory: what Metal recommends a process keeps in use
+            return mx.metal.device_info()["max_recommended_working_set_size"]
+        return available_bytes()
+
+    def peak_memory(self) -> int:
+        return mx.get_peak_memory()
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
     def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig, total_tokens: int | None = None) -> dict:
         _, ids, mask = right_padded(batch)
         total_tokens = total_tokens or int(mask.sum())
@@ -157,7 +182,7 @@ class MLXBackend:
             logprobs = token_logprobs(self.model, ids_part) * mask_part
             return -logprobs.sum() / total_tokens, logprobs
 
-        inputs = ((mx.array(ids[rows]), mx.array(mask[rows])) for rows in self.row_slices(len(batch)))
+        inputs = ((mx.array(ids[rows]), mx.array(mask[rows])) for rows in self.row_slices(batch))
         loss, gradients, _ = self.accumulate(loss_fn, inputs)
         return {"loss": loss, "grad_norm": self.apply_gradients(gradients, lr, settings)}
 

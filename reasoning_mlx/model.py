@@ -1,6 +1,7 @@
 """Loading and saving models with mlx-lm, in the folder layouts mlx-lm reads natively."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -70,9 +71,27 @@ def load_model(path: str | Path, config: ModelConfig, trainable: bool) -> Loaded
         model.unfreeze(keys=list(LORA_LEAVES), strict=False)
     elif trainable and is_quantized(model):
         raise UserError("a quantized model trains only through LoRA (QLoRA): use --finetune lora")
+    if trainable and config.gradient_checkpointing:
+        for layer in model.layers:
+            layer.__class__ = recomputed(type(layer))
     model.train(trainable)
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, model_config, base, lora, base_folder)
+
+
+@functools.cache
+def recomputed(layer_class: type) -> type:
+    """The decoder layer with gradient checkpointing: its activations recomputed in the backward pass, not kept
+    (mlx-lm's grad_checkpoint does the same to the class itself, for every model in the process)."""
+    def __call__(self, x, mask=None, cache=None):
+        if cache is not None:  # a KV cache is written as the layer runs: generation and the prefix pass run plainly
+            return layer_class.__call__(self, x, mask, cache)
+
+        def layer(parameters, x):
+            self.update(parameters)
+            return layer_class.__call__(self, x, mask)
+        return mx.checkpoint(layer)(self.trainable_parameters(), x)
+    return type(f"Recomputed{layer_class.__name__}", (layer_class,), {"__call__": __call__})
 
 
 def set_lora_scale(model: nn.Module, scale: float | None) -> float | None:

@@ -12,6 +12,7 @@ from shared.backend import GRPOBatch
 from shared.config import GRPOConfig, ModelConfig, SFTConfig
 from shared.drafts import NgramDrafter
 from shared.grpo import policy_drift
+from shared.memory import available_bytes, peak_rss_bytes, reset_peak_rss
 from shared.padding import TokenBatch, prefix_blocks, rows_per_pass
 from shared.prompts import stop_token_ids
 from reasoning_torch.batching import micro_batches
@@ -35,10 +36,13 @@ class TorchBackend:
         self.drafter = NgramDrafter() if speculative else None  # remembers completions across calls
         self.generation_stats: dict = {}
         self.model = self.tokenizer = self.optimizer = self.reference = None
+        self.recomputes = False  # gradient checkpointing
         self.saved_optimizer_state: dict[str, torch.Tensor] = {}
 
     def load(self, model_path: Path, model: ModelConfig, trainable: bool = True) -> None:
         self.model, self.tokenizer = load_model(model_path, model, self.device, trainable)
+        # transformers drops the KV cache of a layer it recomputes: the shared-prefix pass cannot run then
+        self.recomputes = trainable and model.gradient_checkpointing
         self.optimizer = self.reference = None
         self.saved_optimizer_state = load_optimizer_state(Path(model_path)) if trainable else {}
 
@@ -82,17 +86,17 @@ class TorchBackend:
     @torch.no_grad()
     def completion_logprobs(self, batch: TokenBatch, temperature: float = 1.0,
                             reference: bool = False) -> np.ndarray:
-        model = self.reference_model() if reference else self.model
         logprobs = np.zeros(batch.input_ids.shape, dtype=np.float32)
-        for rows, columns, part_logprobs in self.logprob_parts(model, batch, temperature):
-            logprobs[rows, columns] = part_logprobs.float().cpu().numpy()
+        with self.reference_policy() if reference else contextlib.nullcontext(self.model) as model:
+            for rows, columns, part_logprobs in self.logprob_parts(model, batch, temperature):
+                logprobs[rows, columns] = part_logprobs.float().cpu().numpy()
         logprobs[batch.completion_mask == 0] = 0.0  # the prefix pass also scores the pads after a completion
         return logprobs
 
     def logprob_parts(self, model, batch: TokenBatch, temperature: float):
         """(rows, columns, their per-token log-probs) for each micro-batch: each distinct prompt run once
         (shared_prefix), or each row with its own copy of its prompt."""
-        if self.shared_prefix:
+        if self.shared_prefix and not self.recomputes:
             for block in prefix_blocks(batch, self.rows_per_pass(batch)):
                 with self.autocast():
                     logprobs = prefix_logprobs(model, block, self.device, temperature)
@@ -103,16 +107,26 @@ class TorchBackend:
                 logprobs = token_logprobs(model, to_tensors(part, self.device), temperature)
             yield rows, columns, logprobs
 
-    def reference_model(self):
-        """The starting policy for the KL term: LoRA disabled, or a frozen copy of full weights."""
+    @contextlib.contextmanager
+    def reference_policy(self):
+        """The starting policy for the KL term: the model with its LoRA adapters off, or a frozen copy of full
+        weights."""
         if hasattr(self.model, "disable_adapter"):
-            return _AdapterDisabled(self.model)
+            with self.model.disable_adapter():
+                yield self.model
+            return
         if self.reference is None:
             self.set_reference()
-        return self.reference
+        yield self.reference
 
     def rows_per_pass(self, batch: TokenBatch) -> int:
-        return rows_per_pass(self.micro_batch_size, batch.input_ids.shape[1], self.model.config.vocab_size)
+        return self.sequences_per_pass(batch.input_ids.shape[1], self.model.config.vocab_size)
+
+    def sequences_per_pass(self, columns: int, vocab_size: int) -> int:
+        return rows_per_pass(self.micro_batch_size, columns, vocab_size)
+
+    def available_memory(self) -> int | None:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else available_bytes()
 
     def parts(self, batch: TokenBatch):
         """(rows, columns, that part of the batch) for each micro-batch (rows of similar length)."""
@@ -136,6 +150,15 @@ class TorchBackend:
     def weights_are_finite(self) -> bool:
         with torch.no_grad():
             return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
+
+    def peak_memory(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
 
     def sft_step(self, batch: TokenBatch, lr: float, settings: SFTConfig, total_tokens: int | None = None) -> dict:
         total_tokens = total_tokens or int(batch.completion_mask.sum())
@@ -177,13 +200,3 @@ class TorchBackend:
         elif self.saved_optimizer_state:  # loaded and not stepped since (GRPO steps without signal): passed on
             write_optimizer_file(self.saved_optimizer_state, folder)
 
-
-class _AdapterDisabled:
-    """Calls a PEFT model with its adapters switched off: the base model is the reference."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, **inputs):
-        with self.model.disable_adapter():
-            return self.model(**inputs)

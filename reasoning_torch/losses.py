@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from shared.config import GRPOConfig
@@ -14,27 +15,44 @@ def to_tensors(batch: TokenBatch, device: torch.device) -> dict[str, torch.Tenso
             for name in ("input_ids", "attention_mask", "position_ids", "completion_mask")}
 
 
+LOGITS_PER_CHUNK = 2**22  # vocabulary logits computed at once: 16 MB of fp32, whatever the batch
+
+
 def token_logprobs(model, tensors: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """(B, T) log-prob of token t given tokens < t at completion positions (0 elsewhere), at the same
     positions generation used."""
     mask = tensors["completion_mask"]
     first = max(int(mask.any(0).int().argmax()), 1)  # the first column holding a completion token
-    # logits from the column before it on: the prompt's vocabulary projections are never used
-    logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                   position_ids=tensors["position_ids"], logits_to_keep=mask.shape[1] - first + 1).logits[:, :-1]
-    return torch.nn.functional.pad(picked_logprobs(logits, tensors["input_ids"][:, first:], temperature),
+    body, head = decoder_parts(model)
+    # hidden states from the column before it on: the prompt's vocabulary projections are never needed
+    hidden = body(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                  position_ids=tensors["position_ids"]).last_hidden_state[:, first - 1:-1]
+    return torch.nn.functional.pad(picked_logprobs(head, hidden, tensors["input_ids"][:, first:], temperature),
                                    (first, 0)) * mask
 
 
-def picked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, T) log-softmax of `logits` (B, T, V) at `targets`, in row chunks of at most 2**24 logits: a 150k
-    vocabulary would not fit at once."""
-    rows = max(1, 2**24 // (logits.shape[1] * logits.shape[2]))
-    parts = []
-    for part_logits, part_targets in zip(logits.split(rows), targets.split(rows)):
-        part_logits = part_logits.float() / temperature
-        parts.append(part_logits.gather(-1, part_targets[..., None]).squeeze(-1) - part_logits.logsumexp(-1))
-    return torch.cat(parts)
+def decoder_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the decoder up to its final norm, the vocabulary projection) of a transformers causal LM, PEFT's too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.get_output_embeddings()
+
+
+def picked_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """(B, T) log-softmax of head(hidden) (B, T, V) at `targets`, a chunk of positions at a time, each chunk's
+    logits recomputed in the backward pass: the vocabulary's logits never exist for the whole batch."""
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    positions = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    parts = [checkpoint(chunk_logprobs, head, h, t, temperature, use_reentrant=False) if torch.is_grad_enabled()
+             else chunk_logprobs(head, h, t, temperature)
+             for h, t in zip(flat_hidden.split(positions), flat_targets.split(positions))]
+    return torch.cat(parts).reshape(targets.shape)
+
+
+def chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    logits = head(hidden).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def prefix_logprobs(model, block: PrefixBlock, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
@@ -44,16 +62,17 @@ def prefix_logprobs(model, block: PrefixBlock, device: torch.device, temperature
     prompts = torch.from_numpy(block.prompts).to(device)
     completions = torch.from_numpy(block.completions).to(device)
     prompt_of_row = torch.from_numpy(block.prompt_of_row).to(device)
+    body, head = decoder_parts(model)
     cache = DynamicCache()
-    prefill = model(input_ids=prompts, cache=cache, use_cache=True, logits_to_keep=1)
-    logits = [prefill.logits[prompt_of_row]]  # the prompt's last position predicts each completion's first token
+    prefill = body(input_ids=prompts, cache=cache, use_cache=True).last_hidden_state[:, -1:]
+    hidden = [prefill[prompt_of_row]]  # the prompt's last position predicts each completion's first token
     if completions.shape[1] > 1:
         cache.batch_select_indices(prompt_of_row)  # indexing: differentiable, each row's prompt's keys and values
         width = prompts.shape[1]
         positions = torch.arange(width, width + completions.shape[1] - 1, device=device).expand(len(completions), -1)
-        logits.append(model(input_ids=completions[:, :-1], position_ids=positions,
-                            cache=cache, use_cache=True).logits)
-    return picked_logprobs(torch.cat(logits, 1), completions, temperature)
+        hidden.append(body(input_ids=completions[:, :-1], position_ids=positions, cache=cache,
+                           use_cache=True).last_hidden_state)
+    return picked_logprobs(head, torch.cat(hidden, 1), completions, temperature)
 
 
 def sft_loss(model, tensors: dict[str, torch.Tensor], total_tokens: int) -> torch.Tensor:

@@ -50,6 +50,11 @@ def load_model(path: str | Path, config: ModelConfig, device: torch.device, trai
                         "offline, use --model tiny") from None
     model.config._name_or_path = base  # a saved adapter names its base as given (a hub id, not this machine's cache)
     model.to(device)
+    if trainable and config.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"{base} does not support --gradient-checkpointing in transformers")
+        # non-reentrant: the reentrant kind gives PEFT adapters no gradient under GRPO (huggingface/trl#3089)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter:
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     elif trainable and config.finetune == "lora":

@@ -78,5 +78,18 @@ class Backend(Protocol):
     def weights_are_finite(self) -> bool:
         """No NaN or inf in the trained weights (checked after every optimiser step)."""
 
+    def sequences_per_pass(self, columns: int, vocab_size: int) -> int:
+        """How many sequences of `columns` tokens one forward pass of a training step takes."""
+
+    def available_memory(self) -> int | None:
+        """Bytes free for this run: the GPU's on CUDA, else the system's (unified memory on a Mac)."""
+
+    def peak_memory(self) -> int:
+        """Bytes at most in use since reset_peak_memory: the GPU's allocations on CUDA and MLX, else the process's
+        resident memory."""
+
+    def reset_peak_memory(self) -> None:
+        """Count the peak from now (a phase's, an evaluation's)."""
+
     def save(self, folder: Path) -> None:
         """Write a checkpoint the backend's own ecosystem loads with no code of ours (plus optimizer moments)."""

@@ -31,6 +31,8 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = option(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "modules LoRA adapts")
     trust_remote_code: bool = option(False, "allow a hub model to run its own code (off unless asked)")
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass instead "
+                                          "of keeping them: less memory, about a third more compute")
 
 
 @dataclass
@@ -103,6 +105,9 @@ class RunConfig:
     sft_checkpoint: str | None = option(None, "checkpoint GRPO starts from (mode grpo)")
     output_dir: str = option("./output", "where checkpoints, metrics and eval.json go")
     wandb_project: str | None = option(None, "Weights & Biases project; none: no W&B")
+    max_seq_len: int | None = option(None, "longest prompt + completion in tokens (none: the model's positions); "
+                                           "a problem beyond it is an error before any work")
+    truncate: bool = option(False, "cut prompts beyond --max-seq-len from the left instead of stopping")
     export_gguf: str | None = option(None, "at the end, write the final model as a GGUF file of this type (f16, "
                                            "bf16, f32, q8_0) with an Ollama Modelfile beside it; none: no GGUF")
 
@@ -232,6 +237,7 @@ def check_batches_fill_processes(config: RunConfig) -> None:
 OPTION_FIELDS = {
     "model_name": "model.name", "finetune": "model.finetune", "lora_rank": "model.lora_rank",
     "lora_alpha": "model.lora_alpha", "trust_remote_code": "model.trust_remote_code",
+    "gradient_checkpointing": "model.gradient_checkpointing", "max_seq_len": "max_seq_len", "truncate": "truncate",
     "num_samples": "sft.num_samples", "sft_epochs": "sft.epochs", "sft_batch_size": "sft.batch_size",
     "sft_lr": "sft.lr", "grpo_samples": "grpo.num_prompts", "grpo_epochs": "grpo.epochs", "grpo_lr": "grpo.lr",
     "grpo_warmup_steps": "grpo.warmup_steps", "group_size": "grpo.group_size",
@@ -248,7 +254,8 @@ OPTION_FIELDS = {
 def option_values(options: dict) -> dict:
     """The OPTION_FIELDS options as RunConfig holds them (None: not given, the preset decides)."""
     values = {name: options[name] for name in OPTION_FIELDS}
-    values["trust_remote_code"] = options["trust_remote_code"] or None
+    for flag in ("trust_remote_code", "gradient_checkpointing", "truncate"):
+        values[flag] = options[flag] or None
     values["sft_checkpoint"] = str(options["sft_checkpoint"]) if options["sft_checkpoint"] else None
     return values
 
@@ -273,10 +280,8 @@ def run_config_from_options(options: dict, starting_settings: dict[str, dict] | 
                  "task": chosen_task(options["task"], options["reward_file"], starting_task)}
     for name, value in option_values(options).items():
         section, _, field_name = OPTION_FIELDS[name].rpartition(".")
-        if not section:
-            top_level[field_name] = value
-        elif value is not None:
-            sections[section][field_name] = value
+        if value is not None:
+            (sections[section] if section else top_level)[field_name] = value
     if options["save_every"] is not None:
         sections["sft"]["save_every"] = sections["grpo"]["save_every"] = options["save_every"]
     fit_counts = tuple(phase for phase, name in (("sft", "num_samples"), ("grpo", "grpo_samples"))

@@ -140,12 +140,3 @@ def check_lora_rank(rank: int, targets: tuple[str, ...], folder: Path) -> None:
         if rank > side:
             raise UsageError(f"--lora-rank {rank} is more than {side}, the smaller side of {layer} in {folder}: "
                              f"at most {side}")
-
-
-def check_new_tokens(flag: str, max_new_tokens: int, longest_prompt: int, folder: Path) -> None:
-    """Prompt and completion within the positions the model was trained for."""
-    config = model_dimensions(folder) or {}
-    context = config.get("max_position_embeddings")
-    if context and longest_prompt + max_new_tokens > context:
-        raise UsageError(f"{flag} {max_new_tokens} runs past the model's {context} positions (prompts take up to "
-                         f"{longest_prompt}): at most {context - longest_prompt}")

@@ -17,11 +17,11 @@ from shared.backend import Backend
 from shared.checkpoints import save_checkpoint
 from shared.config import EvalConfig, ModelConfig, RunConfig
 from shared.errors import Interrupted
-from shared.evaluation import (EvalResult, evaluate, extra_sets, paired_comparison, paired_line, results_table,
-                               sampled_line)
+from shared.evaluation import EvalResult, evaluate, paired_comparison, paired_line, results_table, sampled_line
 from shared.gguf_export import check_exportable, export_gguf
 from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
 from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
+from shared.problem_sets import ProblemSets, check_memory, run_problem_sets
 from shared.prompt_pool import PromptPool
 from shared.report import write_report
 from shared.run_records import start_records
@@ -31,7 +31,7 @@ from shared.task import RewardFailed, Task, TaskProblem
 from shared.task_registry import load_task
 from shared.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from shared.tracking import MetricsLog
-from shared.training import summed, train_grpo, train_sft
+from shared.training import peak_memory, summed, train_grpo, train_sft
 
 logger = logging.getLogger("local_reasoning")
 
@@ -62,7 +62,7 @@ class Run:
     metrics: MetricsLog
     state: RunState
     task: Task
-    eval_problems: list[TaskProblem]
+    problems: ProblemSets  # drawn once, fitted to --max-seq-len
     pool: PromptPool | None = None  # GRPO's pass rates per prompt (dynamic sampling), saved with resume points
 
 
@@ -79,8 +79,12 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
                     resume[0].total_steps)
     state, resume_folder = resume if resume else (RunState(), None)
     start = None if resume else starting_model(config, backend)  # checked before anything is written
+    model_folder = local_model(start) if start is not None else resume_folder
     if config.export_gguf:  # llama.cpp can read what the run will write: known before it trains
-        check_exportable(local_model(start) if start is not None else resume_folder)
+        check_exportable(model_folder)
+    task = load_task(config.task)
+    problems = run_problem_sets(task, config, model_folder)  # one too long for --max-seq-len: an error here
+    check_memory(config, problems, model_folder, backend.sequences_per_pass, backend.available_memory())
     writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
     if writes:
         output.mkdir(parents=True, exist_ok=True)
@@ -91,8 +95,7 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
         (output / "run_config.json").write_text(config.to_json())
     metrics = MetricsLog(output / "metrics.jsonl", config.wandb_project, json.loads(config.to_json()),
                          keep_records=state.metrics_records, writes=writes)
-    task = load_task(config.task)
-    run = Run(config, backend, output, metrics, state, task, task.held_out(config.eval.num_problems, config.seed))
+    run = Run(config, backend, output, metrics, state, task, problems)
     out_of_distribution: dict[str, EvalResult] = {}
     try:
         if resume_folder:
@@ -119,8 +122,8 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
             if "after_grpo" not in state.results:
                 evaluate_stage(run, "after_grpo")
         if config.eval.ood_problems:
-            for name, problems in extra_sets(task, config.eval.ood_problems, config.seed).items():
-                out_of_distribution[name] = evaluate_and_log(run, f"ood_{name}", name.replace("_", " "), problems)
+            for name, extra in problems.extra.items():
+                out_of_distribution[name] = evaluate_and_log(run, f"ood_{name}", name.replace("_", " "), extra)
     except KeyboardInterrupt:  # outside a training loop (an evaluation, a load): the last resume point stands
         hint = (f"continue with: python cli.py train --resume --output-dir {output}" if latest_resume_point(output)
                 else "nothing was saved yet")
@@ -170,10 +173,10 @@ def train_phase(run: Run, phase: str) -> None:
     config, state = run.config, run.state
     settings = getattr(config, phase)
     if phase == "sft":
-        problems = run.task.training_problems(config.sft.num_samples, config.seed, for_sft=True)
+        problems = run.problems.sft
         steps, batch_size = train_sft, config.sft.batch_size
     else:
-        problems = run.task.training_problems(config.grpo.num_prompts, config.seed + 1, for_sft=False)
+        problems = run.problems.grpo
         batch_size = config.grpo.prompts_per_step
         resumed = state.phase == "grpo" and state.step and state.prompt_pool
         run.pool = None if not config.grpo.dynamic_sampling else \
@@ -182,12 +185,13 @@ def train_phase(run: Run, phase: str) -> None:
     total = phase_steps(len(problems), batch_size, settings.epochs)
     start_step = state.step if state.phase == phase else 0
     carried, began = (state.timings.get(f"{phase}_s", 0.0) if start_step else 0.0), time.perf_counter()
+    run.backend.reset_peak_memory()
     with stop_on_interrupt() as stop, saved_when_a_reward_fails(run, phase, total, start_step, carried, began) as done:
         for step in steps(run.backend, problems, settings, config.seed, run.metrics, start_step):
             done.append(step)
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
-                evaluate_and_log(run, phase, f"{phase} step {step}", run.eval_problems[:config.eval.every_problems],
-                                 step)
+                evaluate_and_log(run, phase, f"{phase} step {step}",
+                                 run.problems.held_out[:config.eval.every_problems], step)
             stopping = stop_agreed(run, stop.requested)
             if step < total and (stopping or (settings.save_every and step % settings.save_every == 0)):
                 folder = periodic_folder(run.output, phase, step)
@@ -229,7 +233,8 @@ def stop_agreed(run: Run, requested: bool) -> bool:
 
 def evaluate_stage(run: Run, stage: str) -> None:
     # the untrained model rarely answers and often rambles to the token cap: a subset tells as much
-    problems = run.eval_problems[:run.config.eval.every_problems] if stage == "before_sft" else run.eval_problems
+    held_out = run.problems.held_out
+    problems = held_out[:run.config.eval.every_problems] if stage == "before_sft" else held_out
     run.state.results[stage] = evaluate_and_log(run, stage, STAGE_LABELS[stage], problems)
 
 
@@ -238,7 +243,7 @@ def measure_headroom(run: Run) -> None:
     temperature. maj@k above greedy: right answers the model already samples, for GRPO to make its first."""
     settings = dataclasses.replace(run.config.eval, samples_per_problem=run.config.eval.headroom_samples,
                                    temperature=run.config.grpo.temperature)
-    problems = run.eval_problems[:run.config.eval.headroom_problems]
+    problems = run.problems.held_out[:run.config.eval.headroom_problems]
     run.state.results["headroom"] = result = evaluate_and_log(run, "headroom", STAGE_LABELS["headroom"], problems,
                                                               settings=settings)
     logger.info("headroom before GRPO: %s", sampled_line("after SFT", result))
@@ -246,8 +251,10 @@ def measure_headroom(run: Run) -> None:
 
 def evaluate_and_log(run: Run, stage: str, label: str, problems: list[TaskProblem], step: int | None = None,
                      settings: EvalConfig | None = None) -> EvalResult:
+    run.backend.reset_peak_memory()
     result = evaluate(run.backend, run.task.rewards, problems, settings or run.config.eval, label=f"eval {label}")
-    run.metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary()})
+    run.metrics({"phase": "eval", "stage": stage, **({"step": step} if step else {}), **result.summary(),
+                 **peak_memory(run.backend)})
     run.metrics.samples(stage if step is None else f"{stage}_step_{step}", result.samples)
     logger.info("%s: accuracy %.1f%%, format %.1f%%", label, 100 * result.accuracy, 100 * result.format_compliance)
     return result

@@ -118,6 +118,20 @@ def save(figure, path: Path) -> Path:
     return path
 
 
+def peak_memory_table(records: list[dict], stage_labels: dict[str, str]) -> str:
+    """The most memory each phase and evaluation took (resident memory on CPU, the GPU's allocations on CUDA and
+    MLX), from the records that measured it."""
+    peaks: dict[str, float] = {}
+    for record in records:
+        if "peak_memory_gb" in record:
+            stage = record.get("stage", "")
+            name = record["phase"].upper() if record["phase"] != "eval" else \
+                f"evaluation {stage_labels.get(stage, stage.replace('_', ' '))}"
+            peaks[name] = max(peaks.get(name, 0.0), record["peak_memory_gb"])
+    rows = [f"| {name} | {gb:.2f} |" for name, gb in peaks.items()]
+    return "\n".join(["| phase | peak memory (GB) |", "|---|---|", *rows]) if rows else ""
+
+
 def sample_block(result: EvalResult, count: int = 2) -> str:
     blocks = []
     for sample in result.samples[:count]:
@@ -148,6 +162,8 @@ def write_report(output: Path, run_config_json: str, records: list[dict], result
     if out_of_distribution:
         lines += ["## Out of distribution (after the last phase)", "",
                   results_table(out_of_distribution, first_column="problem set"), ""]
+    if memory := peak_memory_table(records, stage_labels):
+        lines += ["## Peak memory", "", memory, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     if results:

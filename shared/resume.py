@@ -153,6 +153,7 @@ def checkpoint_settings(folder: Path, options: dict, given: dict[str, str]) -> d
             raise UserError(f"{folder}/{RUN_CONFIG_FILE} is not a run configuration this version reads") from None
     model = saved.get("model", {})
     model.pop("trust_remote_code", None)  # a model's own code runs only when this command asks
+    model.pop("gradient_checkpointing", None)  # and memory is this machine's
     fixed = {"model.name": (model["name"], RUN_CONFIG_FILE)} if model else {}
     kind = checkpoint_kind(folder) if folder.is_dir() else None
     if kind in ("peft", "mlx_lora"):
@@ -188,7 +189,9 @@ def resumed_run_config(options: dict, given: dict[str, str]) -> tuple[RunConfig,
     config = RunConfig.from_json((output / "run_config.json").read_text())
     for name, value in option_values(options).items():
         saved = config_field(config, OPTION_FIELDS[name])
-        if name in given and value != saved and not (name == "trust_remote_code" and not saved):
+        if name in given and name == "gradient_checkpointing":  # memory, not numbers: may change on resume
+            config.model.gradient_checkpointing = value
+        elif name in given and value != saved and not (name == "trust_remote_code" and not saved):
             raise UsageError(f"{given[name]} {value} differs from the run's {saved} ({output}/run_config.json); "
                              "--resume continues with the run's own settings")
     resumed_task(config, options, output)
@@ -240,6 +243,7 @@ def same_run(a: RunConfig, b: RunConfig) -> bool:
     def essentials(config: RunConfig) -> dict:
         values = json.loads(config.to_json())
         values.pop("wandb_project"), values.pop("export_gguf", None)
+        values["model"].pop("gradient_checkpointing", None)
         values["sft"].pop("save_every"), values["grpo"].pop("save_every")
         return values
     return essentials(a) == essentials(b)

@@ -32,8 +32,8 @@ def parse_counts(text: str) -> list[int]:
 
 
 ROW_FILE = "sweep_row.json"  # in a row's folder: the minutes the sweep spent on it
-UNCOMPARED = {"output_dir", "wandb_project", "export_gguf", "sft.num_samples", "sft.save_every",
-              "grpo.save_every"}
+UNCOMPARED = {"output_dir", "wandb_project", "export_gguf", "model.gradient_checkpointing", "sft.num_samples",
+              "sft.save_every", "grpo.save_every"}
 
 
 def run_sweep(config: RunConfig, counts: list[int], new_backend: Callable[[], Backend]) -> list[dict]:

@@ -76,7 +76,7 @@ def train_sft(backend: Backend, problems: list[TaskProblem], config: SFTConfig, 
             seconds = time.perf_counter() - began
             check_finite(backend, stats, "SFT", step, "--sft-lr")
             log({"phase": "sft", "step": step, "epoch": epoch, "lr": lr, **stats, "step_s": seconds,
-                 "tokens_per_s": tokens / seconds, **processes(backend)})
+                 "tokens_per_s": tokens / seconds, **peak_memory(backend), **processes(backend)})
             bar.set_postfix({"loss": f"{stats['loss']:.4f}", "tokens/s": f"{tokens / seconds:.0f}"})
             bar.update()
             yield step
@@ -93,6 +93,11 @@ def every_group(backend: Backend, rows: list, group_size: int) -> list:
     """Per-row values of this process's groups -> those of every process's groups, in the step's order."""
     groups = [rows[start:start + group_size] for start in range(0, len(rows), group_size)]
     return sum(gather_shards(groups, backend.rank, backend.world_size, backend.all_sum), [])
+
+
+def peak_memory(backend: Backend) -> dict:
+    """The most memory in use since the phase (or the evaluation within it) began."""
+    return {"peak_memory_gb": backend.peak_memory() / 2**30}
 
 
 def processes(backend: Backend) -> dict:
@@ -255,7 +260,8 @@ def train_grpo(backend: Backend, problems: list[TaskProblem], config: GRPOConfig
                  "reward": float(np.mean(scores)), **means, **sampling_stats(scores, pool, config.group_size),
                  "completion_tokens": float(np.mean(lengths)),
                  "trained_sequences": int(trained_sequences), "rollout_s": rollout_seconds, **decoding,
-                 "step_s": time.perf_counter() - began, "tokens_per_s": tokens_per_s, **processes(backend)})
+                 "step_s": time.perf_counter() - began, "tokens_per_s": tokens_per_s, **peak_memory(backend),
+                 **processes(backend)})
             bar.set_postfix({"reward": f"{np.mean(scores):.3f}", "correct": f"{means['reward_correctness']:.2f}",
                              "tokens/s": f"{tokens_per_s:.0f}"})
             bar.update()

@@ -11,12 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top, as ARCHITECTURE.md draws them; a package name stands for all its modules.
 LAYERS = [
     ["shared.errors", "shared.progress", "shared.grpo", "shared.prompt_pool", "shared.padding", "shared.drafts",
-     "shared.tensor_files", "shared.tracking", "shared.distributed"],
+     "shared.memory", "shared.tensor_files", "shared.tracking", "shared.distributed"],
     ["shared.task", "shared.data", "shared.rewards", "shared.addition", "shared.countdown", "shared.file_task",
      "shared.reward_file", "shared.task_registry", "shared.config", "shared.layouts"],
     ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",
      "shared.tiny_model", "shared.gguf_import", "shared.gguf_export", "shared.pretrained", "shared.prompts"],
-    ["shared.backend", "shared.evaluation", "shared.report", "shared.resume", "shared.run_records", "shared.training"],
+    ["shared.backend", "shared.evaluation", "shared.problem_sets", "shared.report", "shared.resume",
+     "shared.run_records", "shared.training"],
     ["shared.pipeline", "shared.sweep", "reasoning_torch", "reasoning_mlx"],
     ["backends", "cli"],
 ]

@@ -52,11 +52,17 @@ def test_train_full_writes_checkpoints_metrics_and_eval(trained_run):
     assert len(sft_steps) == 3 and len(grpo_steps) == 2  # 96 / 32 SFT steps; 4 prompts / 2 per step
     assert {"loss", "lr", "tokens_per_s"} <= set(sft_steps[0])
     assert {"reward", "reward_correctness", "reward_step_validity", "loss", "kl"} <= set(grpo_steps[0])
+    # each step and evaluation says the most memory its phase took: the process's resident memory on CPU
+    measured = [l for l in lines if l["phase"] in ("sft", "grpo", "eval")]
+    assert all(0.1 < l["peak_memory_gb"] < 20 for l in measured), [l.get("peak_memory_gb") for l in measured]
     evaluation = json.loads((output / "eval.json").read_text())
     assert {name: r["num_problems"] for name, r in evaluation["out_of_distribution"].items()} == {
         "two_operands": 4, "four_operands": 4, "three_digit": 4}
     report = (output / "report.md").read_text()
     assert "| after GRPO |" in report and "| three digit |" in report and "## Samples after GRPO" in report
+    peaks = re.findall(r"^\| (SFT|GRPO|evaluation after GRPO) \| (\d+\.\d\d) \|$", report, re.MULTILINE)
+    assert [name for name, _ in peaks] == ["SFT", "GRPO", "evaluation after GRPO"]
+    assert float(dict(peaks)["SFT"]) == pytest.approx(max(l["peak_memory_gb"] for l in sft_steps), abs=0.006)
     plots = sorted((output / "plots").glob("*.png"))
     assert [p.name for p in plots] == ["accuracy.png", "loss.png", "rewards.png"]
     for plot in plots:

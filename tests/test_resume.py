@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # real training runs in subprocesses, killed and 
 BUDGET = ["--model", "tiny", "--num-samples", "640", "--sft-batch-size", "32", "--sft-lr", "3e-3",
           "--grpo-samples", "24", "--prompts-per-step", "4", "--group-size", "4", "--eval-samples", "16",
           "--ood-samples", "4", "--save-every", "3"]
-TIMINGS = ("tokens_per_s", "rollout_s", "step_s")
+TIMINGS = ("tokens_per_s", "rollout_s", "step_s", "peak_memory_gb")
 
 
 @pytest.fixture(scope="module")

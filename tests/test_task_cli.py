@@ -159,3 +159,38 @@ def test_bad_task_and_reward_files_exit_2_at_once_with_one_line(tmp_path, cache_
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)
         assert re.search(message, lines[0]), (name, lines[0])
         assert not (tmp_path / "out").exists(), name
+
+
+def write_long_task(folder, bom: bool = False):
+    """40 lines whose prompts are about 10,000 tokens, the answer at the end: far past the tiny model's 512
+    positions. Saved with a byte-order mark when asked, as some Windows editors write JSONL."""
+    lines = [{"prompt": " ".join(["x"] * 5000) + f" {n} {n % 9}", "answer": n % 9,
+              "completion": f"<think>{n % 9}</think>\n{n % 9}", "split": "test" if n % 10 == 0 else "train"}
+             for n in range(40)]
+    path = folder / "long.jsonl"
+    path.write_text(("\ufeff" if bom else "") + "\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_prompts_past_the_model_are_one_line_before_any_work_and_truncate_trains(tmp_path, cache_env):  # noqa: F811
+    task, output = write_long_task(tmp_path, bom=True), tmp_path / "out"
+    began = time.monotonic()
+    refused = run_cli("train", "--task", task, "--mode", "sft", "--num-samples", "16", *TINY, "--output-dir", output,
+                      env_extra=cache_env)
+    assert time.monotonic() - began < 30
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: line \d+ of {re.escape(str(task))} is 10,0\d\d tokens \(prompt 10,0\d\d \+ "
+                        r"completion \d\), more than the model's 512 positions for SFT; 15 more SFT problems too: "
+                        r"--truncate cuts prompts from the left to fit", line), line
+    assert not output.exists()
+    trained = run_cli("train", "--task", task, "--mode", "sft", "--num-samples", "16", *TINY, "--output-dir", output,
+                      "--truncate", env_extra=cache_env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert re.search(r"--truncate: 16 of 16 SFT problems had their prompts cut from the left to fit the model's 512 "
+                     r"positions \(the longest was 10,0\d\d tokens\)", trained.stderr)
+    samples = json.loads((output / "eval.json").read_text())["in_distribution"]["after_sft"]["samples"]
+    assert all(s["prompt"].endswith(f" {n} {n % 9}") and len(s["prompt"]) < 2000 for s, n in zip(samples, (0, 10)))
+    short = run_cli("eval", "--checkpoint", output / "sft_final", "--num-samples", "2", "--ood-samples", "0",
+                    "--max-new-tokens", "8", "--max-seq-len", "64", "--truncate", env_extra=cache_env)
+    assert short.returncode == 0 and "cut from the left to fit --max-seq-len 64" in short.stderr, short.stderr[-2000:]

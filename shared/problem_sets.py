@@ -1,0 +1,151 @@
+"""The problems a run uses, drawn once, and fitted to its longest sequence (--max-seq-len) before any work:
+a problem that does not fit is an error naming it, or with --truncate its prompt is cut from the left."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.config import RunConfig
+from shared.errors import UsageError
+from shared.evaluation import extra_sets
+from shared.layouts import model_dimensions
+from shared.memory import check_training_fits
+from shared.prompts import encode_prompts, encode_targets, load_tokenizer
+from shared.task import Task, TaskProblem
+
+logger = logging.getLogger("local_reasoning")
+
+
+@dataclass(frozen=True)
+class CutProblem:
+    """A problem whose prompt was cut from the left to fit; everything else (answer, fields, where) is its own."""
+    original: Any
+    prompt: str
+
+    def __getattr__(self, name: str):
+        return getattr(self.original, name)
+
+
+@dataclass
+class ProblemSets:
+    sft: list[TaskProblem]
+    grpo: list[TaskProblem]
+    held_out: list[TaskProblem]
+    extra: dict[str, list[TaskProblem]]
+    longest: dict[str, int] = field(default_factory=dict)  # "sft", "grpo": the longest sequence a step trains on
+
+
+def draw_problem_sets(task: Task, config: RunConfig) -> ProblemSets:
+    """Every problem the run's phases and evaluations take, in the order they take them."""
+    trains_sft, trains_grpo = config.mode in ("sft", "full"), config.mode in ("grpo", "full")
+    return ProblemSets(
+        sft=task.training_problems(config.sft.num_samples, config.seed, for_sft=True) if trains_sft else [],
+        grpo=task.training_problems(config.grpo.num_prompts, config.seed + 1, for_sft=False) if trains_grpo else [],
+        held_out=task.held_out(config.eval.num_problems, config.seed),
+        extra=extra_sets(task, config.eval.ood_problems, config.seed))
+
+
+def run_problem_sets(task: Task, config: RunConfig, model_folder: Path) -> ProblemSets:
+    """The run's problems, fitted to --max-seq-len, else to the positions the model's config allows."""
+    sets, limit = draw_problem_sets(task, config), sequence_limit(config.max_seq_len, model_folder)
+    if limit is None:
+        return sets
+    return fit_problem_sets(load_tokenizer(model_folder, config.model.trust_remote_code), sets, config, limit)
+
+
+@dataclass(frozen=True)
+class SequenceLimit:
+    tokens: int
+    given: bool  # --max-seq-len, else the model's positions
+
+    def __str__(self) -> str:
+        return f"--max-seq-len {self.tokens:,}" if self.given else f"the model's {self.tokens:,} positions"
+
+
+def sequence_limit(max_seq_len: int | None, model_folder: Path) -> SequenceLimit | None:
+    positions = (model_dimensions(model_folder) or {}).get("max_position_embeddings")
+    return SequenceLimit(max_seq_len or positions, given=bool(max_seq_len)) if max_seq_len or positions else None
+
+
+def fit_evaluation_sets(tokenizer: Any, sets: dict[str, list[TaskProblem]], max_new_tokens: int,
+                        limit: SequenceLimit | None, truncate: bool) -> dict[str, list[TaskProblem]]:
+    """`eval`'s problem sets fitted to `limit` with room for `max_new_tokens`."""
+    room = ("--max-new-tokens", max_new_tokens)
+    return {name: fit_problems(tokenizer, problems, f"evaluation ({name.replace('_', ' ')})", room, limit,
+                               truncate)[0] for name, problems in sets.items()} if limit else sets
+
+
+def fit_problem_sets(tokenizer: Any, sets: ProblemSets, config: RunConfig, limit: SequenceLimit) -> ProblemSets:
+    """Each set fitted to `limit`: SFT's prompt + target, GRPO's and evaluation's prompt + the tokens they
+    may generate. One line naming the first problem that does not fit, unless config.truncate."""
+    fit = {"truncate": config.truncate, "limit": limit}
+    sft, longest_sft = fit_problems(tokenizer, sets.sft, "SFT", room=None, **fit)
+    grpo, longest_grpo = fit_problems(tokenizer, sets.grpo, "GRPO", ("--max-new-tokens", config.grpo.max_new_tokens),
+                                      **fit)
+    evaluation = fit_evaluation_sets(tokenizer, {"held_out": sets.held_out, **sets.extra}, config.eval.max_new_tokens,
+                                     limit, config.truncate)
+    return ProblemSets(sft, grpo, evaluation.pop("held_out"), evaluation, {"sft": longest_sft, "grpo": longest_grpo})
+
+
+def fit_problems(tokenizer: Any, problems: list[TaskProblem], use: str, room: tuple[str, int] | None,
+                 limit: SequenceLimit, truncate: bool) -> tuple[list[TaskProblem], int]:
+    """(`problems` whose prompt and completion fit in `limit`, the longest of them in tokens). `room`: (flag,
+    tokens) generation may take after the prompt; None: the SFT target's own length."""
+    if not problems:
+        return problems, 0
+    prompts = [len(ids) for ids in encode_prompts(tokenizer, problems)]
+    completions = [room[1]] * len(problems) if room else [len(ids) for ids in encode_targets(tokenizer, problems)]
+    too_long = [i for i, (p, c) in enumerate(zip(prompts, completions)) if p + c > limit.tokens]
+    if not too_long:
+        return problems, max(p + c for p, c in zip(prompts, completions))
+    if room and max(prompts) < limit.tokens and not truncate:  # every prompt fits: the room asked for does not
+        raise UsageError(f"{room[0]} {room[1]} runs past {limit} for {use} (prompts take up to {max(prompts):,}): "
+                         f"at most {limit.tokens - max(prompts):,}")
+    first = too_long[0]
+    what = (f"{prompts[first] + completions[first]:,} tokens (prompt {prompts[first]:,} + "
+            f"{f'{room[0]} {room[1]}' if room else f'completion {completions[first]:,}'})")
+    if not truncate:
+        more = f"; {len(too_long) - 1:,} more {use} problems too" if len(too_long) > 1 else ""
+        raise UsageError(f"{problems[first].where()} is {what}, more than {limit} for {use}{more}: "
+                         "--truncate cuts prompts from the left to fit")
+    fitted = list(problems)
+    for i in too_long:
+        fitted[i] = cut_prompt(tokenizer, problems[i], limit.tokens - completions[i], use, room)
+    logger.warning("--truncate: %s of %s %s problems had their prompts cut from the left to fit %s (the longest "
+                   "was %s tokens)", f"{len(too_long):,}", f"{len(problems):,}", use, limit,
+                   f"{max(prompts[i] + completions[i] for i in too_long):,}")
+    return fitted, limit.tokens
+
+
+def cut_prompt(tokenizer: Any, problem: TaskProblem, budget: int, use: str, room: tuple[str, int] | None) -> CutProblem:
+    """The problem with the end of its prompt that fits in `budget` tokens, chat template included."""
+    content = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+    template = len(encode_prompts(tokenizer, [problem])[0]) - len(content)
+    keep = budget - template
+    for _ in range(4):  # a cut can re-tokenize a token or two longer at its new edge
+        if keep < 1:
+            needs = f"{room[0]} {room[1]}" if room else "its completion"
+            raise UsageError(f"{problem.where()}: {needs} alone leaves no room for the prompt in --max-seq-len for "
+                             f"{use}; raise --max-seq-len")
+        cut = CutProblem(problem, tokenizer.decode(content[-keep:]))
+        over = len(encode_prompts(tokenizer, [cut])[0]) - budget
+        if over <= 0:
+            return cut
+        keep -= over
+    raise UsageError(f"{problem.where()}: its prompt could not be cut to fit --max-seq-len for {use}")
+
+
+def check_memory(config: RunConfig, sets: ProblemSets, model_folder: Path,
+                 sequences_per_pass: Callable[[int, int], int], available: int | None) -> None:
+    """Each training step's estimated peak against the memory free, before any work: one line naming the flags
+    that would fit (the estimate: shared.memory.training_step_bytes)."""
+    dims = model_dimensions(model_folder) or {}
+    if not {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"} <= set(dims):
+        return
+    batches = {"SFT": (config.sft.batch_size, sets.longest.get("sft", 0)),
+               "GRPO": (config.grpo.prompts_per_step * config.grpo.group_size, sets.longest.get("grpo", 0))}
+    steps = {phase: (min(max(1, rows // config.processes), sequences_per_pass(tokens, dims["vocab_size"])), tokens)
+             for phase, (rows, tokens) in batches.items() if tokens}
+    check_training_fits(dims, config.model.finetune == "full", config.model.gradient_checkpointing, steps, available)
