@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,13 +169,8 @@ WORKERS = {"ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft, "
 
 
 def run_worker(name: str, **kwargs) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
-    began = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode:
-        sys.exit(f"error: {name} {kwargs} failed: {result.stderr.strip().splitlines()[-1]}")
-    print(f"  {name} {kwargs}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    import run
+    return run.run_worker(name, script=__file__, **kwargs)
 
 
 def rows(quick: bool = False):

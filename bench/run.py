@@ -407,8 +407,9 @@ WORKERS = {"sft_policy": sft_policy, "ours_sft": ours_sft, "ours_infer": ours_in
            "smollm2_sft_policy": smollm2_sft_policy}
 
 
-def run_worker(name: str, **kwargs) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
+def run_worker(name: str, script: str = __file__, **kwargs) -> dict:
+    """A worker of `script` (this file, or another bench module with --worker) in its own process."""
+    command = [sys.executable, script, "--worker", name, "--kwargs", json.dumps(kwargs)]
     began = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode:

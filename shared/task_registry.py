@@ -1,6 +1,7 @@
 """The tasks by name: a built-in one or a JSONL file, with a reward file's rewards added."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -28,10 +29,16 @@ def task_config(name: str, reward_file: str | Path | None = None) -> TaskConfig:
 
 
 def load_task(config: TaskConfig) -> Task:
-    """The task a run's settings name, with the reward file's rewards added (a built-in name is replaced)."""
-    task: Task = BUILT_IN_TASKS.get(config.name, FileTask)(config.name)
-    if config.reward_file:
-        task.rewards = {**task.rewards, **load_reward_file(Path(config.reward_file))}
+    """The task a run's settings name, with the reward file's rewards added (a built-in name is replaced). Loaded
+    once per process for the same files: a reward file's top level runs once, however often a run asks."""
+    return loaded_task(config.name, config.sha256, config.reward_file, config.reward_file_sha256)
+
+
+@functools.lru_cache(maxsize=16)
+def loaded_task(name: str, sha256: str | None, reward_file: str | None, reward_file_sha256: str | None) -> Task:
+    task: Task = BUILT_IN_TASKS.get(name, FileTask)(name)
+    if reward_file:
+        task.rewards = {**task.rewards, **load_reward_file(Path(reward_file))}
     return task
 
 

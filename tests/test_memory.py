@@ -21,7 +21,7 @@ import reasoning_mlx.model
 import reasoning_torch.losses
 from reasoning_torch.losses import decoder_parts, picked_logprobs
 
-from tests.test_shared_prefix import FULL, LORA, gradients_of_a_step, make_backend, sampled_batch
+from tests.test_shared_prefix import FULL, LORA, captured_gradients, gradients_of_a_step, make_backend, sampled_batch
 
 
 def step_with_and_without_recomputation(backend_name: str, folder, model, step: str):
@@ -41,20 +41,7 @@ def step_with_and_without_recomputation(backend_name: str, folder, model, step: 
 
 
 def sft_gradients(backend, tokens):
-    captured = {}
-    if backend.name == "torch":
-        def capture(lr, settings):
-            captured.update({n: p.grad.numpy().copy() for n, p in backend.model.named_parameters()
-                             if p.grad is not None})
-            return 0.0
-        backend.optimizer_step = capture
-    else:
-        from mlx.utils import tree_flatten
-
-        def capture(gradients, lr, settings):
-            captured.update({n: np.array(g) for n, g in tree_flatten(gradients)})
-            return 0.0
-        backend.apply_gradients = capture
+    captured = captured_gradients(backend)
     return backend.sft_step(tokens, 1e-3, SFTConfig()), captured
 
 

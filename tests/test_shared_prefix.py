@@ -45,8 +45,9 @@ def sampled_batch(backend):
     return pack_batch(*chosen, backend.tokenizer.pad_token_id)
 
 
-def gradients_of_a_step(backend, batch: GRPOBatch, settings: GRPOConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """(stats, gradients) of one GRPO step, the optimiser update left out (the weights stay as they are)."""
+def captured_gradients(backend) -> dict[str, np.ndarray]:
+    """The gradients of the backend's next optimiser steps, by name, the update itself left out (the weights
+    stay as they are)."""
     captured = {}
     if isinstance(backend, TorchBackend):
         def capture(lr, settings):
@@ -60,8 +61,13 @@ def gradients_of_a_step(backend, batch: GRPOBatch, settings: GRPOConfig) -> tupl
             captured.update({name: np.array(g) for name, g in tree_flatten(gradients)})
             return 0.0
         backend.apply_gradients = capture
-    stats = backend.grpo_step(batch, 1e-3, settings)
-    return stats, captured
+    return captured
+
+
+def gradients_of_a_step(backend, batch: GRPOBatch, settings: GRPOConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """(stats, gradients) of one GRPO step, the optimiser update left out (the weights stay as they are)."""
+    captured = captured_gradients(backend)
+    return backend.grpo_step(batch, 1e-3, settings), captured
 
 
 def both_paths(backend, settings: GRPOConfig):

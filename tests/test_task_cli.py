@@ -31,7 +31,10 @@ def write_task(folder):
     return path
 
 
-REWARDS = ("def mentions_number(completion, example):\n"
+REWARDS = ("import pathlib\n"
+           "with open(pathlib.Path(__file__).with_suffix('.log'), 'a') as log:  # runs each time the file loads\n"
+           "    log.write('loaded\\n')\n"
+           "def mentions_number(completion, example):\n"
            "    return float(example['prompt'].split()[-1] in completion)\n"
            "REWARDS = {'mentions_number': (mentions_number, 0.3)}\n")
 
@@ -51,6 +54,7 @@ def file_run(tmp_path_factory, cache_env):  # noqa: F811
 def test_a_jsonl_task_with_a_reward_file_trains_end_to_end(file_run):
     folder, task, output, result = file_run
     assert "| after GRPO |" in result.stdout and "mentions number" in result.stdout
+    assert (folder / "rewards.log").read_text() == "loaded\n"  # the task and its reward file loaded once a run
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in records if r["phase"] == "grpo"]
     assert len(grpo) == 2 and all("reward_mentions_number" in r for r in grpo)
