@@ -27,7 +27,7 @@ demo-pretrained: $(VENV)/.installed-pretrained
 		--export-gguf
 
 test: $(VENV)/.installed-all
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed-all
 	$(PY) -m pytest -q -m 'not slow' --durations=10

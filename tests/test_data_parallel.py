@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launchers")]  # torchrun jobs, one at a time
+pytestmark = pytest.mark.slow  # several torchrun jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
