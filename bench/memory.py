@@ -14,7 +14,6 @@ rows say how far ours with gradient checkpointing is from ours without.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -203,24 +202,13 @@ def rows(quick: bool = False):
 
 
 def main() -> None:
+    from run import parsed_or_worker, print_rows
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows here, rewritten after each one")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
-        return
-    from run import markdown
-
-    print(markdown([]), flush=True)
-    measured = []
-    for measured_row in rows():
-        measured.append(measured_row)
-        print(markdown([measured_row]).splitlines()[-1], flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(measured, indent=2))
-
+    args = parsed_or_worker(parser, WORKERS)
+    if args is not None:
+        print_rows(rows(), args.json)
 
 if __name__ == "__main__":
     main()

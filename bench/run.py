@@ -586,6 +586,28 @@ GROUPS = {"tiny-sft": tiny_sft_rows, "tiny-grpo": tiny_grpo_rows, "rollout": rol
 LONG_GROUPS = ("grpo-vs-trl", "memory")  # an hour, and TRL's GRPO step without checkpointing needs 18 GB
 
 
+def parsed_or_worker(parser: argparse.ArgumentParser, workers: dict) -> argparse.Namespace | None:
+    """The command line; with the hidden --worker NAME, that worker runs here and prints its JSON (None returned)."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not args.worker:
+        return args
+    print(json.dumps(workers[args.worker](**json.loads(args.kwargs))))
+    return None
+
+
+def print_rows(measured_rows, json_path: Path | None) -> None:
+    """The table, each row as soon as it is measured (an interrupted run keeps them); --json rewritten after each."""
+    rows = []
+    print(markdown([]), flush=True)
+    for measured in measured_rows:
+        rows.append(measured)
+        print(markdown([measured]).splitlines()[-1], flush=True)
+        if json_path:
+            json_path.write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -594,27 +616,17 @@ def main() -> None:
                         help=f"measure this group only (repeatable): {', '.join(GROUPS)}")
     parser.add_argument("--json", type=Path, help="also write the rows here, rewritten after each one")
     parser.add_argument("--sft-checkpoint", type=Path, help="grpo-vs-trl: start both from this SmolLM2 SFT checkpoint")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
+    args = parsed_or_worker(parser, WORKERS)
+    if args is None:
         return
     missing = [module for module in ("trl", "datasets", "torch", "mlx_lm") if importlib.util.find_spec(module) is None]
     if missing:
         sys.exit(f"error: bench/run.py needs {', '.join(missing)}: pip install -e '.[torch,mlx,bench]'")
-    began, rows = time.perf_counter(), []
-    print(markdown([]), flush=True)
-    for group in args.only or [name for name in GROUPS if name not in LONG_GROUPS]:
-        extra = {"sft_checkpoint": args.sft_checkpoint} if group == "grpo-vs-trl" else {}
-        # each row as soon as it is measured: an interrupted run keeps them
-        for measured in GROUPS[group](args.quick, **extra):
-            rows.append(measured)
-            print(markdown([measured]).splitlines()[-1], flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(rows, indent=2))
+    began = time.perf_counter()
+    groups = args.only or [name for name in GROUPS if name not in LONG_GROUPS]
+    print_rows((measured for group in groups for measured in GROUPS[group](
+        args.quick, **({"sft_checkpoint": args.sft_checkpoint} if group == "grpo-vs-trl" else {}))), args.json)
     print(f"\n{time.perf_counter() - began:.0f} s on this machine", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

@@ -112,29 +112,32 @@ def fit_problems(tokenizer: Any, problems: list[TaskProblem], use: str, room: tu
                          "--truncate cuts prompts from the left to fit")
     fitted = list(problems)
     for i in too_long:
-        fitted[i] = cut_prompt(tokenizer, problems[i], limit.tokens - completions[i], use, room)
+        fitted[i] = cut_prompt(tokenizer, problems[i], limit, completions[i], use, room)
     logger.warning("--truncate: %s of %s %s problems had their prompts cut from the left to fit %s (the longest "
                    "was %s tokens)", f"{len(too_long):,}", f"{len(problems):,}", use, limit,
                    f"{max(prompts[i] + completions[i] for i in too_long):,}")
     return fitted, limit.tokens
 
 
-def cut_prompt(tokenizer: Any, problem: TaskProblem, budget: int, use: str, room: tuple[str, int] | None) -> CutProblem:
-    """The problem with the end of its prompt that fits in `budget` tokens, chat template included."""
+def cut_prompt(tokenizer: Any, problem: TaskProblem, limit: SequenceLimit, completion: int, use: str,
+               room: tuple[str, int] | None) -> CutProblem:
+    """The problem with the end of its prompt that fits in `limit` beside `completion` tokens, chat template
+    included."""
+    budget = limit.tokens - completion
     content = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
     template = len(encode_prompts(tokenizer, [problem])[0]) - len(content)
     keep = budget - template
     for _ in range(4):  # a cut can re-tokenize a token or two longer at its new edge
         if keep < 1:
             needs = f"{room[0]} {room[1]}" if room else "its completion"
-            raise UsageError(f"{problem.where()}: {needs} alone leaves no room for the prompt in --max-seq-len for "
-                             f"{use}; raise --max-seq-len")
+            raise UsageError(f"{problem.where()}: {needs} alone leaves no room for the prompt in {limit} for {use}; "
+                             "raise --max-seq-len")
         cut = CutProblem(problem, tokenizer.decode(content[-keep:]))
         over = len(encode_prompts(tokenizer, [cut])[0]) - budget
         if over <= 0:
             return cut
         keep -= over
-    raise UsageError(f"{problem.where()}: its prompt could not be cut to fit --max-seq-len for {use}")
+    raise UsageError(f"{problem.where()}: its prompt could not be cut to fit {limit} for {use}")
 
 
 def check_memory(config: RunConfig, sets: ProblemSets, model_folder: Path,
