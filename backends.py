@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.config import ModelConfig
-from shared.conversion import native_layout
-from shared.distributed import LAUNCHERS, launched_processes, launcher_backend
-from shared.errors import UsageError
-from shared.hardware import resolve_backend
+from shared.checkpoints.conversion import native_layout
+from shared.models.hardware import resolve_backend
+from shared.runtime.distributed import LAUNCHERS, launched_processes, launcher_backend
+from shared.runtime.errors import UsageError
+from shared.training.config import ModelConfig
 
 
 def make_backend(requested: str, micro_batch_size: int | None = None, checkpoint: Path | None = None):

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from shared.checkpoints import check_can_write, hold_output, resource_error
-from shared.config import EvalConfig
-from shared.distributed import launched_processes
-from shared.errors import Interrupted, UserError
-from shared.grpo import LOSS_VARIANTS
-from shared.progress import setup_logging
+from shared.algorithms.grpo import LOSS_VARIANTS
+from shared.checkpoints.folders import check_can_write, hold_output, resource_error
+from shared.runtime.distributed import launched_processes
+from shared.runtime.errors import Interrupted, UserError
+from shared.runtime.progress import setup_logging
+from shared.training.config import EvalConfig
 
 logger = logging.getLogger("local_reasoning")
 POSITIVE_INT = click.IntRange(min=1)
@@ -109,7 +109,7 @@ def train(**options) -> None:
     Interrupted runs (Ctrl-C, a crash, kill -9) continue with --resume, or by running the same
     command again."""
     from shared.pipeline import results_text, run_training
-    from shared.resume import run_to_start
+    from shared.training.resume import run_to_start
     from backends import make_backend
 
     setup_logging(options["log_level"])
@@ -144,9 +144,9 @@ def sweep(counts: str, **options) -> None:
     """Rerun the pipeline per SFT sample count: the accuracy-vs-data table (sweep.md) and plot (sweep.png).
 
     The same command again continues an interrupted sweep; finished rows are read back."""
-    from shared.config import run_config_from_options
-    from shared.hardware import resolve_backend
+    from shared.models.hardware import resolve_backend
     from shared.sweep import parse_counts, run_sweep, sweep_table
+    from shared.training.config import run_config_from_options
     from backends import make_backend
 
     setup_logging(options["log_level"])
@@ -178,9 +178,8 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
 def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_samples: int, task_name: str | None,
           log_level: str) -> None:
     """Run a checkpoint: demo (default), --interactive, or --batch."""
-    from shared.evaluation import complete, infer_report
-    from shared.task import typed_problems
-    from shared.task_registry import checkpoint_task
+    from shared.tasks.registry import checkpoint_task
+    from shared.training.evaluation import infer_output
     from backends import load_for_inference
 
     setup_logging(log_level)
@@ -190,16 +189,8 @@ def infer(checkpoint: Path, backend: str, interactive: bool, batch: bool, num_sa
     if batch:
         task.check_count("--num-samples", num_samples, "held_out")
     model = load_for_inference(checkpoint, backend)
-    settings = EvalConfig(max_new_tokens=max(256, task.completion_tokens))  # greedy
-    if interactive:
-        click.echo(task.typing_hint)
-        for problem in typed_problems(sys.stdin, task):
-            click.echo(problem if isinstance(problem, str) else
-                       complete(model, [problem], settings, label="infer")[0][0])
-        return
-    problems = task.held_out(num_samples, 7) if batch else task.demo_problems()
-    completions = complete(model, problems, settings, label="infer")[0]
-    click.echo(infer_report(task.rewards, problems, completions, scored=batch))
+    for text in infer_output(model, task, sys.stdin if interactive else None, num_samples if batch else 0):
+        click.echo(text)
 
 
 @cli.command("eval")
@@ -229,37 +220,20 @@ def eval_command(checkpoint: Path, backend: str, num_samples: int, ood_samples: 
                  log_level: str) -> None:
     """Score a checkpoint on held-out problems and the task's extra sets (greedy; --samples K adds mean@K,
     maj@K and pass@K)."""
-    from shared.evaluation import add_comparisons, evaluate, extra_sets, results_table, sampled_line
-    from shared.layouts import check_checkpoint
-    from shared.problem_sets import fit_evaluation_sets, sequence_limit
-    from shared.task_registry import checkpoint_task
+    from shared.tasks.registry import checkpoint_task
+    from shared.training.checkpoint_eval import CheckpointEval, evaluate_checkpoint
     from backends import load_for_inference
 
     setup_logging(log_level)
-    task = checkpoint_task(checkpoint, task_name, reward_file)
-    task.check_count("--num-samples", num_samples, "held_out")
-    if task.extra_sets and ood_samples:
-        task.check_count("--ood-samples", ood_samples, "extra")
-    if json_path:
-        check_can_write(json_path, "--json", folder=False)
-    if compare:
-        check_checkpoint(compare)  # before the first checkpoint's evaluation, which would be lost
-    model = load_for_inference(checkpoint, backend)
     settings = EvalConfig(num_problems=num_samples, max_new_tokens=max_new_tokens,
                           samples_per_problem=samples_per_problem, temperature=temperature, seed=seed)
-    sets = {"in_distribution": task.held_out(num_samples, seed), **extra_sets(task, ood_samples, seed)}
-    sets = fit_evaluation_sets(model.tokenizer, sets, max_new_tokens, sequence_limit(max_seq_len, checkpoint), truncate)
-    results = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
-               for name, problems in sets.items()}
-    click.echo(f"{checkpoint}\n" + results_table(results, first_column="problem set"))
-    click.echo("".join(f"{sampled_line(name, r)}\n" for name, r in results.items() if r.k), nl=False)
-    payload = {name: {**r.summary(), "samples": r.samples, "solved": r.solved} for name, r in results.items()}
-    if compare:
-        model = load_for_inference(compare, backend)
-        baseline = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
-                    for name, problems in sets.items()}
-        click.echo(f"\n{compare}\n" + results_table(baseline, first_column="problem set") + "\n")
-        click.echo(add_comparisons(payload, results, baseline, str(checkpoint), str(compare)))
+    request = CheckpointEval(checkpoint, checkpoint_task(checkpoint, task_name, reward_file), settings, ood_samples,
+                             max_seq_len, truncate, compare)
+    request.check()
+    if json_path:
+        check_can_write(json_path, "--json", folder=False)
+    payload = evaluate_checkpoint(request, lambda path: load_for_inference(path, backend),
+                                  lambda text: click.echo(text, nl=False))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(payload, indent=2))
@@ -282,32 +256,9 @@ def convert(checkpoint: Path, target: str, output: Path, source: str | None, mer
             base: Path | None) -> None:
     """Convert a checkpoint to the other backend's native layout (full weights or LoRA adapter), write it
     as a GGUF file, or import a GGUF file (llama.cpp's format) as a model folder both backends load."""
-    from shared.checkpoints import atomic_folder
-    from shared.conversion import ConversionRequest, convert_checkpoint, framework_dtype
-    from shared.layouts import check_checkpoint
+    from shared.models.convert import convert as convert_to
 
-    if target == "gguf":
-        from shared.gguf_export import export_gguf, gguf_dtype
-
-        exported = export_gguf(check_checkpoint(checkpoint), output, gguf_dtype(dtype), base)
-        click.echo(exported.summary())
-        return
-    if output.exists():
-        raise UserError(f"{output} already exists; choose a new --output folder")
-    check_can_write(output, "--output", folder=True)
-    if checkpoint.suffix.lower() == ".gguf":
-        from shared.pretrained import import_gguf_file
-
-        import_gguf_file(checkpoint, output, target)
-        click.echo(f"{checkpoint} (GGUF) -> {output} (full, {target}, float32); manifest.json records hashes "
-                   "and versions")
-        return
-    request = ConversionRequest(check_checkpoint(checkpoint), target, merge, framework_dtype(dtype), base, source)
-    with atomic_folder(output) as staging:
-        manifest = convert_checkpoint(request, staging)
-    origin = manifest["converted_from"]
-    click.echo(f"{checkpoint} ({origin['layout']}, {origin['backend']}) -> {output} "
-               f"({manifest['layout']}, {target}); manifest.json records hashes and versions")
+    click.echo(convert_to(checkpoint, target, output, source, merge, dtype, base))
 
 
 def main() -> int:

@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))
 def measure(backend_name: str, repeats: int) -> dict[str, float]:
     import numpy as np
 
-    from shared.backend import GRPOBatch
-    from shared.config import build_run_config
-    from shared.data import generate_problems
-    from shared.padding import pack_batch
+    from shared.algorithms.padding import pack_batch
+    from shared.models.prompts import encode_prompts, encode_targets
     from shared.pipeline import resolve_model
-    from shared.prompts import encode_prompts, encode_targets
+    from shared.tasks.addition.data import generate_problems
+    from shared.training.backend import GRPOBatch
+    from shared.training.config import build_run_config
     from backends import make_backend
 
     config = build_run_config({"model": {"name": "tiny"}}, {})

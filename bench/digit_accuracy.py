@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.data import generate_problems, reasoning_target  # noqa: E402
+from shared.tasks.addition.data import generate_problems, reasoning_target  # noqa: E402
 
 PLACES = ("units", "tens", "hundreds")
 NUMBERS = {

@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.config import TaskConfig  # noqa: E402
-from shared.layouts import detect_layout  # noqa: E402
-from shared.task import final_answer, is_correct  # noqa: E402
-from shared.task_registry import load_task  # noqa: E402
+from shared.checkpoints.layouts import detect_layout  # noqa: E402
+from shared.tasks.registry import load_task  # noqa: E402
+from shared.tasks.task import final_answer, is_correct  # noqa: E402
+from shared.training.config import TaskConfig  # noqa: E402
 
 MAX_NEW_TOKENS = 256
 SEED = 42  # the held-out problems `train` and `eval` score

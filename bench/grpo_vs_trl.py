@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.config import PRESETS  # noqa: E402
-from shared.evaluation import paired_comparison  # noqa: E402
+from shared.training.config import PRESETS  # noqa: E402
+from shared.training.evaluation import paired_comparison  # noqa: E402
 
 WORK = Path("/tmp/bench_grpo_vs_trl")
 SFT_PROBLEMS = 500  # the row where the preset's GRPO used to add nothing (+0.3 points)
@@ -99,9 +99,9 @@ def trl_grpo(sft: str, minutes: float, output: str, settings: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from shared.layouts import adapter_base
-    from shared.prompts import stop_token_ids
-    from shared.task_registry import checkpoint_task
+    from shared.checkpoints.layouts import adapter_base
+    from shared.models.prompts import stop_token_ids
+    from shared.tasks.registry import checkpoint_task
 
     task = checkpoint_task(Path(sft), None, None)
     tokenizer = AutoTokenizer.from_pretrained(sft, padding_side="left")

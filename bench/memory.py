@@ -18,30 +18,32 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the project's root
+
+from bench.common import (LORA_TARGETS, conversations, lora_config, parsed_or_worker, print_rows,  # noqa: E402
+                          problems, row, run_worker, smollm2_folder)
 
 GROUP, PROMPTS, COMPLETION = 8, 4, 160
 SFT_BATCH = 4
 
 
 def peak_gb() -> float:
-    from shared.memory import peak_rss_bytes
+    from shared.runtime.memory import peak_rss_bytes
     return peak_rss_bytes() / 2**30
 
 
 def start_peak() -> None:
     import gc
 
-    from shared.memory import reset_peak_rss
+    from shared.runtime.memory import reset_peak_rss
     gc.collect()
     reset_peak_rss()
 
 
 def ours_sft(backend_name: str, recompute: bool) -> dict:
-    from run import problems, smollm2_folder
-    from shared.config import ModelConfig, SFTConfig
-    from shared.padding import pack_batch
-    from shared.prompts import encode_prompts, encode_targets
+    from shared.algorithms.padding import pack_batch
+    from shared.models.prompts import encode_prompts, encode_targets
+    from shared.training.config import ModelConfig, SFTConfig
     from backends import make_backend
 
     backend = make_backend(backend_name)
@@ -62,7 +64,6 @@ def trl_sft() -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from run import conversations, lora_config, problems, smollm2_folder
 
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -86,7 +87,6 @@ def mlx_lm_sft() -> dict:
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from run import LORA_TARGETS, conversations, problems, smollm2_folder
 
     model, tokenizer = load(smollm2_folder())
     model.freeze()
@@ -106,11 +106,10 @@ def ours_grpo(backend_name: str, recompute: bool) -> dict:
     """The rollout of 4 prompts x 8, then one update on the 32 rows, each completion made 160 tokens long."""
     import numpy as np
 
-    from run import problems, smollm2_folder
-    from shared.backend import GRPOBatch
-    from shared.config import GRPOConfig, ModelConfig
-    from shared.padding import pack_batch
-    from shared.prompts import encode_prompts
+    from shared.algorithms.padding import pack_batch
+    from shared.models.prompts import encode_prompts
+    from shared.training.backend import GRPOBatch
+    from shared.training.config import GRPOConfig, ModelConfig
     from backends import make_backend
 
     backend = make_backend(backend_name)
@@ -138,7 +137,6 @@ def trl_grpo(recompute: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from run import conversations, lora_config, problems, smollm2_folder
 
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -163,37 +161,26 @@ def trl_grpo(recompute: bool) -> dict:
     return {"peak_gb": peak_gb(), "completion_tokens": lengths[0]}
 
 
-WORKERS = {"ours_sft": ours_sft, "trl_sft": trl_sft, "mlx_lm_sft": mlx_lm_sft, "ours_grpo": ours_grpo,
-           "trl_grpo": trl_grpo}
-
-
-def run_worker(name: str, **kwargs) -> dict:
-    import run
-    return run.run_worker(name, script=__file__, **kwargs)
-
-
 def rows(quick: bool = False):
-    """The table's rows, each as soon as it is measured (bench/run.py's row dictionaries)."""
-    from run import row
-
-    ours, peer = run_worker("ours_sft", backend_name="torch", recompute=False), run_worker("trl_sft")
+    """The table's rows, each as soon as it is measured (bench/common.py's row dictionaries)."""
+    ours, peer = run_worker(ours_sft, backend_name="torch", recompute=False), run_worker(trl_sft)
     yield row(f"peak memory, SFT step, SmolLM2-135M LoRA, batch {SFT_BATCH}: ours (PyTorch) vs TRL SFTTrainer + PEFT",
               ours["peak_gb"], peer["peak_gb"], "GB", 1.0, True)
-    ours, peer = run_worker("ours_sft", backend_name="mlx", recompute=False), run_worker("mlx_lm_sft")
+    ours, peer = run_worker(ours_sft, backend_name="mlx", recompute=False), run_worker(mlx_lm_sft)
     yield row(f"peak memory, SFT step, SmolLM2-135M LoRA, batch {SFT_BATCH}: ours (MLX) vs mlx_lm.lora",
               ours["peak_gb"], peer["peak_gb"], "GB", 1.0, True)
     shape = f"{PROMPTS} prompts x G={GROUP}, {COMPLETION} tokens"
     plain = {}
     for recompute in (False, True):
-        ours = run_worker("ours_grpo", backend_name="torch", recompute=recompute)
-        peer = run_worker("trl_grpo", recompute=recompute)
+        ours = run_worker(ours_grpo, backend_name="torch", recompute=recompute)
+        peer = run_worker(trl_grpo, recompute=recompute)
         plain.setdefault("torch", ours)
         both = "both with gradient checkpointing" if recompute else "neither with gradient checkpointing"
         same_loss = f"; loss {ours['loss'] - plain['torch']['loss']:+.1e} from ours without" if recompute else ""
         yield row(f"peak memory, GRPO step (rollout + update), SmolLM2-135M LoRA, {shape} ({both}{same_loss}): "
                   "ours (PyTorch) vs TRL GRPOTrainer + PEFT", ours["peak_gb"], peer["peak_gb"], "GB", 0.6, True)
     for recompute in (False, True):
-        ours = run_worker("ours_grpo", backend_name="mlx", recompute=recompute)
+        ours = run_worker(ours_grpo, backend_name="mlx", recompute=recompute)
         plain.setdefault("mlx", ours)
         label = f"with gradient checkpointing (loss {ours['loss'] - plain['mlx']['loss']:+.1e} from without)" \
             if recompute else "without gradient checkpointing"
@@ -202,11 +189,9 @@ def rows(quick: bool = False):
 
 
 def main() -> None:
-    from run import parsed_or_worker, print_rows
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows here, rewritten after each one")
-    args = parsed_or_worker(parser, WORKERS)
+    args = parsed_or_worker(parser)
     if args is not None:
         print_rows(rows(), args.json)
 

@@ -41,10 +41,10 @@ def main() -> None:
     import torch
 
     import reasoning_torch.backend as torch_backend
-    from shared.config import build_run_config
-    from shared.data import generate_problems
-    from shared.rewards import ADDITION_REWARDS
-    from shared.training import train_grpo
+    from shared.tasks.addition.data import generate_problems
+    from shared.tasks.addition.rewards import ADDITION_REWARDS
+    from shared.training.config import build_run_config
+    from shared.training.loops import train_grpo
 
     config = build_run_config({"model": {"name": args.preset}}, {})
     config.grpo.save_every = 0

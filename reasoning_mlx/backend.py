@@ -1,4 +1,4 @@
-"""The MLX backend: mlx + mlx-lm behind shared.backend.Backend."""
+"""The MLX backend: mlx + mlx-lm behind shared.training.backend.Backend."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -10,13 +10,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from shared.backend import GRPOBatch
-from shared.config import GRPOConfig, ModelConfig, SFTConfig
-from shared.drafts import NgramDrafter
-from shared.grpo import policy_drift
-from shared.memory import available_bytes
-from shared.padding import TokenBatch, prefix_blocks, rows_per_pass
-from shared.prompts import stop_token_ids
+from shared.algorithms.drafts import NgramDrafter
+from shared.algorithms.grpo import policy_drift
+from shared.algorithms.padding import TokenBatch, prefix_blocks, rows_per_pass
+from shared.models.prompts import stop_token_ids
+from shared.runtime.memory import available_bytes
+from shared.training.backend import GRPOBatch
+from shared.training.config import GRPOConfig, ModelConfig, SFTConfig
 from reasoning_mlx.batching import leading_padding, right_padded, roll_rows
 from reasoning_mlx.distributed import all_sum, join_group, sum_gradients
 from reasoning_mlx.generate import generate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.padding import TokenBatch
+from shared.algorithms.padding import TokenBatch
 
 
 def leading_padding(attention_mask: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from shared.distributed import launched_processes
+from shared.runtime.distributed import launched_processes
 
 
 def join_group() -> tuple[int, int]:

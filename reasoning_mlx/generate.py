@@ -1,14 +1,14 @@
 """Batched sampling with mlx-lm's batch KV cache: left-padded prompts, positions from each row's start,
-and speculative decoding from n-gram drafts (shared/drafts.py)."""
+and speculative decoding from n-gram drafts (shared/algorithms/drafts.py)."""
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from shared.drafts import NgramDrafter, decode, position_uniforms
-from shared.errors import SAMPLING_NOT_FINITE, DivergedError
-from shared.padding import distinct_prompts, left_pad, trim_completion
+from shared.algorithms.drafts import NgramDrafter, decode, position_uniforms
+from shared.algorithms.padding import distinct_prompts, left_pad, trim_completion
+from shared.runtime.errors import SAMPLING_NOT_FINITE, DivergedError
 from reasoning_mlx.batching import leading_padding
 
 

@@ -1,4 +1,4 @@
-"""Per-token log-probs, the SFT loss and the GRPO loss, mirroring shared/grpo.py in mlx ops.
+"""Per-token log-probs, the SFT loss and the GRPO loss, mirroring shared/algorithms/grpo.py in mlx ops.
 
 Batches arrive right-padded (see reasoning_mlx.batching.roll_rows): mlx-lm models take no attention mask,
 and with every row starting at position 0 plain causal attention is all a row needs.
@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from shared.config import GRPOConfig
-from shared.grpo import token_weights
+from shared.algorithms.grpo import token_weights
+from shared.training.config import GRPOConfig
 
 
 def token_logprobs(model, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
@@ -54,7 +54,7 @@ def prefix_logprobs(model, prompts: mx.array, prompt_of_row: mx.array, completio
 def grpo_loss(new_logprobs: mx.array, old_logprobs: mx.array, advantages: mx.array, mask: mx.array,
               settings: GRPOConfig, ref_logprobs: mx.array | None,
               total_sequences: int, total_tokens: int, max_completion_tokens: int) -> mx.array:
-    """shared.grpo.grpo_loss in mlx: the per-token loss, weighted by shared.grpo.token_weights."""
+    """shared.algorithms.grpo.grpo_loss in mlx: the per-token loss, weighted by shared.algorithms.grpo.token_weights."""
     ratio = mx.exp(new_logprobs - old_logprobs)
     clipped = mx.clip(ratio, 1 - settings.epsilon, 1 + settings.epsilon)
     advantages = advantages[:, None]

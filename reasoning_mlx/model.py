@@ -11,13 +11,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load as mlx_load, save_config, save_model as save_weights
 
-from shared.layouts import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, check_backend_reads, checkpoint_kind,
-                            rope_fields_for_older_readers)
-from shared.config import ModelConfig
-from shared.errors import UserError
-from shared.manifest import checked_adapter_base
-from shared.pretrained import local_model
-from shared.prompts import load_tokenizer, stop_token_ids
+from shared.checkpoints.layouts import (ADAPTER_CONFIG_FILE, MLX_ADAPTER_WEIGHTS_FILE, check_backend_reads,
+                                        checkpoint_kind, rope_fields_for_older_readers)
+from shared.checkpoints.manifest import checked_adapter_base
+from shared.models.pretrained import local_model
+from shared.models.prompts import load_tokenizer, stop_token_ids
+from shared.runtime.errors import UserError
+from shared.training.config import ModelConfig
 
 LORA_LEAVES = ("lora_a", "lora_b")
 

@@ -8,8 +8,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from shared.config import ADAM_BETAS
-from shared.layouts import OPTIMIZER_FILE
+from shared.checkpoints.layouts import OPTIMIZER_FILE
+from shared.training.config import ADAM_BETAS
 
 MOMENT_NAMES = {"m": "exp_avg", "v": "exp_avg_sq"}
 

@@ -1,4 +1,4 @@
-"""The PyTorch backend: transformers + peft behind shared.backend.Backend."""
+"""The PyTorch backend: transformers + peft behind shared.training.backend.Backend."""
 from __future__ import annotations
 
 import contextlib
@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.backend import GRPOBatch
-from shared.config import GRPOConfig, ModelConfig, SFTConfig
-from shared.drafts import NgramDrafter
-from shared.grpo import policy_drift
-from shared.memory import available_bytes, peak_rss_bytes, reset_peak_rss
-from shared.padding import TokenBatch, prefix_blocks, rows_per_pass
-from shared.prompts import stop_token_ids
+from shared.algorithms.drafts import NgramDrafter
+from shared.algorithms.grpo import policy_drift
+from shared.algorithms.padding import TokenBatch, prefix_blocks, rows_per_pass
+from shared.models.prompts import stop_token_ids
+from shared.runtime.memory import available_bytes, peak_rss_bytes, reset_peak_rss
+from shared.training.backend import GRPOBatch
+from shared.training.config import GRPOConfig, ModelConfig, SFTConfig
 from reasoning_torch.batching import micro_batches
 from reasoning_torch.distributed import (all_sum, join_process_group, leave_process_group, process_device,
                                          sum_gradients)

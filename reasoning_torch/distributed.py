@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shared.distributed import launched_processes
+from shared.runtime.distributed import launched_processes
 
 # a rank that stops answering (killed, hung) fails the others' next collective after this long
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("LOCAL_REASONING_COLLECTIVE_TIMEOUT", "600")))

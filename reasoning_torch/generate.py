@@ -1,14 +1,14 @@
 """Batched sampling with a KV cache, positions following the left-padding mask, and speculative
-decoding from n-gram drafts (shared/drafts.py) where the lean decoder runs the model."""
+decoding from n-gram drafts (shared/algorithms/drafts.py) where the lean decoder runs the model."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from shared.drafts import DRAFT_LENGTHS, NgramDrafter, decode, position_uniforms
-from shared.errors import SAMPLING_NOT_FINITE, DivergedError
-from shared.padding import distinct_prompts, left_pad, trim_completion
+from shared.algorithms.drafts import DRAFT_LENGTHS, NgramDrafter, decode, position_uniforms
+from shared.algorithms.padding import distinct_prompts, left_pad, trim_completion
+from shared.runtime.errors import SAMPLING_NOT_FINITE, DivergedError
 from reasoning_torch.decoder import LeanDecoder, supports
 
 

@@ -1,13 +1,13 @@
-"""Per-token log-probs, the SFT loss and the GRPO loss, mirroring shared/grpo.py in torch ops."""
+"""Per-token log-probs, the SFT loss and the GRPO loss, mirroring shared/algorithms/grpo.py in torch ops."""
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from shared.config import GRPOConfig
-from shared.grpo import token_weights
-from shared.padding import PrefixBlock, TokenBatch
+from shared.algorithms.grpo import token_weights
+from shared.algorithms.padding import PrefixBlock, TokenBatch
+from shared.training.config import GRPOConfig
 
 
 def to_tensors(batch: TokenBatch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,7 +83,7 @@ def sft_loss(model, tensors: dict[str, torch.Tensor], total_tokens: int) -> torc
 def grpo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, settings: GRPOConfig, ref_logprobs: torch.Tensor | None,
               total_sequences: int, total_tokens: int, max_completion_tokens: int) -> torch.Tensor:
-    """shared.grpo.grpo_loss in torch: the per-token loss, weighted by shared.grpo.token_weights."""
+    """shared.algorithms.grpo.grpo_loss in torch: the per-token loss, weighted by grpo.token_weights."""
     ratio = torch.exp(new_logprobs - old_logprobs)
     clipped = ratio.clamp(1 - settings.epsilon, 1 + settings.epsilon)
     advantages = advantages[:, None]

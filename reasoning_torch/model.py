@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from shared.config import ModelConfig
-from shared.errors import UserError
-from shared.layouts import check_backend_reads, checkpoint_kind, rope_fields_for_older_readers
-from shared.manifest import checked_adapter_base
-from shared.pretrained import local_model
-from shared.prompts import load_tokenizer, stop_token_ids
+from shared.checkpoints.layouts import check_backend_reads, checkpoint_kind, rope_fields_for_older_readers
+from shared.checkpoints.manifest import checked_adapter_base
+from shared.models.pretrained import local_model
+from shared.models.prompts import load_tokenizer, stop_token_ids
+from shared.runtime.errors import UserError
+from shared.training.config import ModelConfig
 
 
 def pick_device() -> torch.device:

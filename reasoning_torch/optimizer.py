@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.config import ADAM_BETAS
-from shared.layouts import OPTIMIZER_FILE
+from shared.checkpoints.layouts import OPTIMIZER_FILE
+from shared.training.config import ADAM_BETAS
 
 
 def make_optimizer(model, lr: float, weight_decay: float, saved: dict[str, torch.Tensor]) -> torch.optim.AdamW:

@@ -1,1 +1,2 @@
-"""Framework-free core: data, rewards, GRPO math, evaluation, config, the training driver."""
+"""Framework-free core, one folder per layer (ARCHITECTURE.md): runtime/ and algorithms/, tasks/, checkpoints/,
+models/, training/; pipeline.py and sweep.py drive a run."""

@@ -13,25 +13,26 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.backend import Backend
-from shared.checkpoints import save_checkpoint
-from shared.config import EvalConfig, ModelConfig, RunConfig
-from shared.errors import Interrupted
-from shared.evaluation import EvalResult, evaluate, paired_comparison, paired_line, results_table, sampled_line
-from shared.gguf_export import check_exportable, export_gguf
-from shared.layouts import check_checkpoint, check_lora_rank, checkpoint_kind
-from shared.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
-from shared.problem_sets import ProblemSets, check_memory, run_problem_sets
-from shared.prompt_pool import PromptPool
-from shared.report import write_report
-from shared.run_records import start_records
-from shared.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState, drop_older_periodic,
-                           latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt, write_run_status)
-from shared.task import RewardFailed, Task, TaskProblem
-from shared.task_registry import load_task
-from shared.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
-from shared.tracking import MetricsLog
-from shared.training import peak_memory, summed, train_grpo, train_sft
+from shared.algorithms.prompt_pool import PromptPool
+from shared.checkpoints.folders import save_checkpoint
+from shared.checkpoints.layouts import check_checkpoint, check_lora_rank, checkpoint_kind, model_dimensions
+from shared.models.gguf_export import check_exportable, export_gguf
+from shared.models.pretrained import SHIPPED_MODELS, ensure_shipped_model, hub_model_folder, local_model
+from shared.models.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from shared.runtime.errors import Interrupted
+from shared.runtime.tracking import MetricsLog
+from shared.tasks.registry import load_task
+from shared.tasks.task import RewardFailed, Task, TaskProblem
+from shared.training.backend import Backend
+from shared.training.config import EvalConfig, ModelConfig, RunConfig
+from shared.training.evaluation import EvalResult, evaluate, paired_comparison, paired_line, results_table, sampled_line
+from shared.training.loops import peak_memory, summed, train_grpo, train_sft
+from shared.training.problem_sets import ProblemSets, check_memory, run_problem_sets
+from shared.training.report import write_report
+from shared.training.resume import (FINAL_FOLDERS, PERIODIC_FOLDER, STATE_FILE, RunState, drop_older_periodic,
+                                    latest_resume_point, periodic_folder, phase_steps, stop_on_interrupt,
+                                    write_run_status)
+from shared.training.run_records import start_records
 
 logger = logging.getLogger("local_reasoning")
 
@@ -83,8 +84,9 @@ def run_training(config: RunConfig, backend: Backend, resume: tuple[RunState, Pa
     if config.export_gguf:  # llama.cpp can read what the run will write: known before it trains
         check_exportable(model_folder)
     task = load_task(config.task)
-    problems = run_problem_sets(task, config, model_folder)  # one too long for --max-seq-len: an error here
-    check_memory(config, problems, model_folder, backend.sequences_per_pass, backend.available_memory())
+    dims = model_dimensions(model_folder)  # config.json, read once for the length check and the memory estimate
+    problems = run_problem_sets(task, config, model_folder, dims)  # one too long for --max-seq-len: an error here
+    check_memory(config, problems, dims, backend.sequences_per_pass, backend.available_memory())
     writes = backend.rank == 0  # in a data-parallel run one process writes; the others compute alike
     if writes:
         output.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,8 @@ def train_phase(run: Run, phase: str) -> None:
     settings = getattr(config, phase)
     if phase == "sft":
         problems = run.problems.sft
-        steps, batch_size = train_sft, config.sft.batch_size
+        steps = functools.partial(train_sft, examples=run.problems.sft_examples)
+        batch_size = config.sft.batch_size
     else:
         problems = run.problems.grpo
         batch_size = config.grpo.prompts_per_step

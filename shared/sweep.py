@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shared.backend import Backend
-from shared.checkpoints import write_atomically
-from shared.config import RunConfig
-from shared.distributed import launched_rank
-from shared.errors import UsageError
+from shared.checkpoints.folders import write_atomically
 from shared.pipeline import run_training
-from shared.resume import is_unfinished, latest_resume_point, run_finished
+from shared.runtime.distributed import launched_rank
+from shared.runtime.errors import UsageError
+from shared.training.backend import Backend
+from shared.training.config import RunConfig
+from shared.training.resume import is_unfinished, latest_resume_point, run_finished
 
 logger = logging.getLogger("local_reasoning")
 

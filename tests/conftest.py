@@ -16,7 +16,7 @@ import reasoning_mlx  # noqa: E402,F401
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from shared.tiny_model import write_tiny_model
+    from shared.models.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 

@@ -8,24 +8,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Bottom to top, as ARCHITECTURE.md draws them; a package name stands for all its modules.
+# Bottom to top, as ARCHITECTURE.md draws them; a package name stands for all its modules, so shared/'s
+# layers are its folders.
 LAYERS = [
-    ["shared.errors", "shared.progress", "shared.grpo", "shared.prompt_pool", "shared.padding", "shared.drafts",
-     "shared.memory", "shared.tensor_files", "shared.tracking", "shared.distributed"],
-    ["shared.task", "shared.data", "shared.rewards", "shared.addition", "shared.countdown", "shared.file_task",
-     "shared.reward_file", "shared.task_registry", "shared.config", "shared.layouts"],
-    ["shared.lora_files", "shared.manifest", "shared.checkpoints", "shared.conversion", "shared.hardware",
-     "shared.tiny_model", "shared.gguf_import", "shared.gguf_export", "shared.pretrained", "shared.prompts"],
-    ["shared.backend", "shared.evaluation", "shared.problem_sets", "shared.report", "shared.resume",
-     "shared.run_records", "shared.training"],
+    ["shared.runtime", "shared.algorithms"],
+    ["shared.tasks"],
+    ["shared.checkpoints"],
+    ["shared.models"],
+    ["shared.training"],
     ["shared.pipeline", "shared.sweep", "reasoning_torch", "reasoning_mlx"],
     ["backends", "cli"],
 ]
+MOST_TOP_LEVEL_ENTRIES = 12
+MOST_LINES = 300  # cli.py and each file of bench/
 FRAMEWORKS = ("torch", "mlx", "mlx_lm", "peft")
 
 
 def project_modules() -> dict[str, Path]:
-    files = [*ROOT.glob("shared/*.py"), *ROOT.glob("reasoning_torch/*.py"), *ROOT.glob("reasoning_mlx/*.py"),
+    files = [*ROOT.glob("shared/**/*.py"), *ROOT.glob("reasoning_torch/*.py"), *ROOT.glob("reasoning_mlx/*.py"),
              ROOT / "cli.py", ROOT / "backends.py"]
     modules = {}
     for path in files:
@@ -59,7 +59,7 @@ def layer_of(module: str) -> int:
 
 def test_every_module_has_a_layer():
     for module in project_modules():
-        if module != "shared":  # the package itself: an empty __init__
+        if module != "shared":  # the package itself: a docstring
             layer_of(module)
 
 
@@ -98,3 +98,17 @@ def test_the_backends_do_not_import_each_other_and_shared_imports_neither_nor_a_
             assert not {n for n in names if n.split(".")[0] in ("reasoning_mlx", "mlx", "mlx_lm")}, module
         if module.startswith("reasoning_mlx"):
             assert not {n for n in names if n.split(".")[0] in ("reasoning_torch", "torch", "peft")}, module
+
+
+def test_shared_shows_its_layers_in_a_few_folders_each_drawn_in_architecture_md():
+    entries = [path.name for path in (ROOT / "shared").iterdir() if path.name != "__pycache__"]
+    assert len(entries) <= MOST_TOP_LEVEL_ENTRIES, sorted(entries)
+    picture = (ROOT / "ARCHITECTURE.md").read_text().split("```")[1]
+    folders = [name for name in entries if (ROOT / "shared" / name).is_dir()]
+    assert folders and all(f"shared/{name}/" in picture for name in folders), folders
+
+
+def test_the_cli_and_every_benchmark_file_stay_short():
+    files = [ROOT / "cli.py", *sorted(ROOT.glob("bench/*.py"))]
+    too_long = {path.name: lines for path in files if (lines := len(path.read_text().splitlines())) > MOST_LINES}
+    assert too_long == {}, f"over {MOST_LINES} lines: split by what they hold"

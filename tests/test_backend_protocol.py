@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 
-from shared.backend import Backend
+from shared.training.backend import Backend
 from reasoning_mlx.backend import MLXBackend
 from reasoning_torch.backend import TorchBackend
 

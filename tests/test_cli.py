@@ -87,7 +87,7 @@ def test_checkpoint_round_trips_through_plain_transformers(trained_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.config import ModelConfig
+    from shared.training.config import ModelConfig
     from reasoning_torch.backend import TorchBackend
 
     folder = trained_run[0] / "reasoning_final"
@@ -378,7 +378,7 @@ def test_remote_code_runs_only_when_asked(cache_env, tmp_path):
     """A model folder that names its own code (auto_map): ignored unless --trust-remote-code."""
     import shutil
     sys.path.insert(0, str(ROOT))
-    from shared.tiny_model import write_tiny_model
+    from shared.models.tiny_model import write_tiny_model
 
     folder = write_tiny_model(tmp_path / "custom")
     config = json.loads((folder / "config.json").read_text())
@@ -528,11 +528,11 @@ def test_a_grpo_run_that_samples_from_diverged_weights_stops_and_keeps_its_input
 def test_a_diverging_grpo_update_stops_at_its_step(backend_name, tiny_model_dir, monkeypatch):
     """lr 1e30 on an update that has a gradient: the untrained model's samples all score 0, so the
     rewards alternate within each group here, and every row trains."""
-    import shared.training as training
-    from shared.config import GRPOConfig, ModelConfig
-    from shared.data import generate_problems
-    from shared.errors import DivergedError
-    from shared.rewards import ADDITION_REWARDS
+    import shared.training.loops as training
+    from shared.runtime.errors import DivergedError
+    from shared.tasks.addition.data import generate_problems
+    from shared.tasks.addition.rewards import ADDITION_REWARDS
+    from shared.training.config import GRPOConfig, ModelConfig
     from backends import make_backend
 
     monkeypatch.setattr(training, "score_group", lambda texts, problem, rewards: (

@@ -19,12 +19,12 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
-from shared.checkpoints import save_checkpoint
-from shared.config import ModelConfig
-from shared.conversion import unpack_quantized
-from shared.manifest import weights_sha256
-from shared.tensor_files import Tensor, from_float32, read_tensors, write_tensors
-from shared.tiny_model import TinyModelSpec, write_tiny_model
+from shared.checkpoints.conversion import unpack_quantized
+from shared.checkpoints.folders import save_checkpoint
+from shared.checkpoints.manifest import weights_sha256
+from shared.checkpoints.tensor_files import Tensor, from_float32, read_tensors, write_tensors
+from shared.models.tiny_model import TinyModelSpec, write_tiny_model
+from shared.training.config import ModelConfig
 from reasoning_mlx.backend import MLXBackend
 from reasoning_torch.backend import TorchBackend
 from test_cli import run_cli

@@ -1,4 +1,4 @@
-from shared.data import Problem, generate_problems, is_held_out, reasoning_target
+from shared.tasks.addition.data import Problem, generate_problems, is_held_out, reasoning_target
 
 
 def test_target_is_the_seed_example_output():

@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from shared.padding import left_pad
+from shared.algorithms.padding import left_pad
 from reasoning_torch.decoder import LeanDecoder, supports
 from reasoning_torch.generate import TransformersForward, generate
 

@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 from bench.digit_accuracy import digit_roles
-from shared.data import Problem, reasoning_target
+from shared.tasks.addition.data import Problem, reasoning_target
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,11 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
-import shared.gguf_import as gguf_import  # noqa: E402
-from shared.errors import UserError  # noqa: E402
-from shared.gguf_import import import_gguf  # noqa: E402
-from shared.pretrained import SHIPPED_MODELS, ShippedModel, ensure_shipped_model, shipped_file  # noqa: E402
-from shared.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+import shared.models.gguf_import as gguf_import  # noqa: E402
+from shared.models.gguf_import import import_gguf  # noqa: E402
+from shared.models.pretrained import SHIPPED_MODELS, ShippedModel, ensure_shipped_model, shipped_file  # noqa: E402
+from shared.models.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from shared.runtime.errors import UserError  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS = 4, 2

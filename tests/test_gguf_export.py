@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
     LlamaForCausalLM
 
 pytest.importorskip("gguf")
-from shared.conversion import read_model_weights  # noqa: E402
-from shared.gguf_import import import_gguf  # noqa: E402
-from shared.prompts import load_tokenizer, prompt_texts  # noqa: E402
-from shared.task_registry import load_task  # noqa: E402
-from shared.config import TaskConfig  # noqa: E402
+from shared.checkpoints.conversion import read_model_weights  # noqa: E402
+from shared.models.gguf_import import import_gguf  # noqa: E402
+from shared.models.prompts import load_tokenizer, prompt_texts  # noqa: E402
+from shared.tasks.registry import load_task  # noqa: E402
+from shared.training.config import TaskConfig  # noqa: E402
 from test_cli import run_cli  # noqa: E402
 from test_conversion import mlx_checkpoint, peft_checkpoint, quantized_dir  # noqa: E402,F401 (fixtures)
 
@@ -126,7 +126,7 @@ def test_an_untied_output_layer_is_written_as_its_own_tensor(tiny_model_dir, tmp
 
 
 def test_a_wrong_rotary_row_order_would_be_caught(llama_dir, tmp_path, monkeypatch):
-    import shared.gguf_export as gguf_export
+    import shared.models.gguf_export as gguf_export
 
     monkeypatch.setattr(gguf_export, "permute_rotary", lambda weight, heads: weight)
     broken = imported(gguf_export.export_gguf(llama_dir, tmp_path / "broken.gguf", "f32").path, tmp_path)
@@ -187,8 +187,8 @@ def test_a_qlora_adapter_is_merged_into_its_dequantized_base(quantized_dir, tmp_
 def test_a_full_mlx_checkpoint_exports_as_the_model_it_holds(tiny_model_dir, tmp_path):
     """What the demo writes on a Mac: the tiny model fully fine-tuned by the MLX backend."""
     from reasoning_mlx.backend import MLXBackend
-    from shared.checkpoints import save_checkpoint
-    from shared.config import ModelConfig
+    from shared.checkpoints.folders import save_checkpoint
+    from shared.training.config import ModelConfig
 
     backend = MLXBackend()
     backend.load(tiny_model_dir, ModelConfig(name="tiny", finetune="full"), trainable=True)
@@ -289,7 +289,7 @@ def test_llama_cpp_reads_the_file_as_transformers_reads_the_folder(model_dir, tm
 
 
 def test_a_template_that_cannot_be_cut_around_the_message_leaves_ollama_the_files_own():
-    from shared.gguf_export import GgufTokenizer, modelfile_text
+    from shared.models.gguf_export import GgufTokenizer, modelfile_text
 
     tokenizer = GgufTokenizer(tokens=["<|endoftext|>", "<|im_end|>"], token_types=[3, 3], merges=[], pre="gpt-2",
                               chat_template="{{ messages[0]['content'] | upper }}", eos_id=0, end_of_turn_id=1)

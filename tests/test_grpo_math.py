@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shared.grpo import aggregate, group_advantages, grpo_loss, per_token_kl
+from shared.algorithms.grpo import aggregate, group_advantages, grpo_loss, per_token_kl
 
 
 def test_group_advantages_by_hand():
@@ -64,7 +64,7 @@ def test_kl_term_adds_beta_times_kl():
 
 
 def test_rows_per_pass_keeps_the_logits_of_a_pass_bounded():
-    from shared.padding import LOGITS_PER_PASS, rows_per_pass
+    from shared.algorithms.padding import LOGITS_PER_PASS, rows_per_pass
 
     assert rows_per_pass(64, 140, 49_152) == 9  # SmolLM2: a large vocabulary, few rows at a time
     assert rows_per_pass(64, 200, 384) == 64  # the tiny model: the micro-batch size decides

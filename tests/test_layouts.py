@@ -1,10 +1,10 @@
 """Pure helpers both backends rely on: padding layouts, checkpoint kinds, config fields for other readers."""
 import numpy as np
 
-from shared.grpo import policy_drift
-from shared.hardware import backend_for_checkpoint, is_installed
-from shared.layouts import checkpoint_kind, rope_fields_for_older_readers
-from shared.padding import pack_batch
+from shared.algorithms.grpo import policy_drift
+from shared.algorithms.padding import pack_batch
+from shared.checkpoints.layouts import checkpoint_kind, rope_fields_for_older_readers
+from shared.models.hardware import backend_for_checkpoint, is_installed
 from reasoning_mlx.batching import leading_padding, roll_rows
 
 

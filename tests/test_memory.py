@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from shared.backend import GRPOBatch
-from shared.config import GRPOConfig, RunConfig, SFTConfig
-from shared.data import Problem
-from shared.errors import UsageError
-from shared.file_task import read_examples
-from shared.memory import check_training_fits, parameter_count, training_step_bytes
-from shared.problem_sets import SequenceLimit, fit_problems
-from shared.prompts import encode_prompts, encode_targets, load_tokenizer
+from shared.models.prompts import encode_prompts, encode_targets, load_tokenizer
+from shared.runtime.errors import UsageError
+from shared.runtime.memory import check_training_fits, parameter_count, training_step_bytes
+from shared.tasks.addition.data import Problem
+from shared.tasks.file_task import read_examples
+from shared.training.backend import GRPOBatch
+from shared.training.config import GRPOConfig, RunConfig, SFTConfig
+from shared.training.problem_sets import SequenceLimit, fit_problems
 import reasoning_mlx.model
 import reasoning_torch.losses
 from reasoning_torch.losses import decoder_parts, picked_logprobs

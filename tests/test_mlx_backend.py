@@ -11,11 +11,11 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from shared.config import ModelConfig, SFTConfig
-from shared.data import Problem
-from shared.errors import UserError
-from shared.padding import pack_batch
-from shared.prompts import prompt_ids, target_ids
+from shared.algorithms.padding import pack_batch
+from shared.models.prompts import prompt_ids, target_ids
+from shared.runtime.errors import UserError
+from shared.tasks.addition.data import Problem
+from shared.training.config import ModelConfig, SFTConfig
 from reasoning_mlx.backend import MLXBackend
 
 FULL = ModelConfig(name="tiny", finetune="full")

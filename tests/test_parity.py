@@ -16,12 +16,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from shared.backend import GRPOBatch
-from shared.config import ADAM_BETAS, GRPOConfig, ModelConfig, SFTConfig
-from shared.data import Problem, generate_problems
-from shared.grpo import LOSS_VARIANTS
-from shared.padding import pack_batch
-from shared.prompts import encode_prompts, encode_targets
+from shared.algorithms.grpo import LOSS_VARIANTS
+from shared.algorithms.padding import pack_batch
+from shared.models.prompts import encode_prompts, encode_targets
+from shared.tasks.addition.data import Problem, generate_problems
+from shared.training.backend import GRPOBatch
+from shared.training.config import ADAM_BETAS, GRPOConfig, ModelConfig, SFTConfig
 from reasoning_mlx.backend import MLXBackend
 from reasoning_mlx.batching import leading_padding, roll_rows
 from reasoning_mlx.losses import token_logprobs as mlx_token_logprobs
@@ -310,7 +310,7 @@ def test_both_samplers_stop_on_probabilities_that_are_not_finite(tiny_model_dir,
     import shutil
 
     from safetensors.numpy import load_file, save_file
-    from shared.errors import SAMPLING_NOT_FINITE, DivergedError
+    from shared.runtime.errors import SAMPLING_NOT_FINITE, DivergedError
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "poisoned")
     tensors = load_file(str(folder / "model.safetensors"))

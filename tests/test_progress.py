@@ -2,7 +2,7 @@
 import logging
 import time
 
-from shared.progress import LoggedProgress, duration
+from shared.runtime.progress import LoggedProgress, duration
 
 
 def test_a_line_at_every_tenth_with_the_numbers_a_reader_needs(caplog):

@@ -3,10 +3,10 @@ whose rewards all agree are dropped, refilled and left out of the loss), and mea
 import numpy as np
 import pytest
 
-from shared.evaluation import sampled_accuracies
-from shared.prompt_pool import PromptPool, informative_groups
-from shared.data import Problem
-from shared.rewards import ADDITION_REWARDS
+from shared.algorithms.prompt_pool import PromptPool, informative_groups
+from shared.tasks.addition.data import Problem
+from shared.tasks.addition.rewards import ADDITION_REWARDS
+from shared.training.evaluation import sampled_accuracies
 
 PROBLEM = Problem((1, 2, 3))
 RIGHT = PROBLEM.completion
@@ -76,9 +76,9 @@ def test_mean_majority_and_any_of_k_samples():
 def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(backend_name, tiny_model_dir, monkeypatch):
     """Even problems score the same for every sample, odd ones alternate: a step keeps only odd groups, refills
     for the even ones it drew, and its loss counts only the kept rows; without dynamic sampling every row counts."""
-    import shared.training as training
-    from shared.config import GRPOConfig, ModelConfig
-    from shared.data import generate_problems
+    import shared.training.loops as training
+    from shared.tasks.addition.data import generate_problems
+    from shared.training.config import GRPOConfig, ModelConfig
     from backends import make_backend
 
     problems = generate_problems(16, 0, held_out=False)

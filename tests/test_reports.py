@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from shared.data import Problem, reasoning_target
-from shared.evaluation import pass_at_k, score_completions
-from shared.rewards import ADDITION_REWARDS
-from shared.report import global_steps, write_plots
+from shared.tasks.addition.data import Problem, reasoning_target
+from shared.tasks.addition.rewards import ADDITION_REWARDS
+from shared.training.evaluation import pass_at_k, score_completions
+from shared.training.report import global_steps, write_plots
 from test_cli import TINY_BUDGET, run_cli
 
 PROBLEM = Problem((23, 15, 8))
@@ -86,7 +86,7 @@ def test_sweep_writes_the_results_table_per_sample_count(tmp_path):
 
 
 def test_the_accuracy_plot_draws_points_not_lines_between_evaluations():
-    from shared.report import accuracy_figure
+    from shared.training.report import accuracy_figure
 
     evaluations = [(0, {"phase": "eval", "stage": "before_sft", "accuracy": 0.0, "format_compliance": 0.0,
                         "num_problems": 1000}),
@@ -101,7 +101,7 @@ def test_the_accuracy_plot_draws_points_not_lines_between_evaluations():
 
 
 def test_mcnemar_p_values_and_the_paired_comparison():
-    from shared.evaluation import mcnemar_p_value, paired_comparison
+    from shared.training.evaluation import mcnemar_p_value, paired_comparison
 
     assert mcnemar_p_value(10, 0) == 2 / 2**10  # every discordant problem one way: twice the one-sided tail
     assert mcnemar_p_value(30, 15) == pytest.approx(0.035698, abs=1e-6)  # binomial(45, 1/2), two-sided

@@ -227,10 +227,10 @@ def test_a_full_disk_stops_with_one_line_and_leaves_nothing_half_written(cache_e
 def test_the_kl_reference_is_the_policy_grpo_started_from(backend, tiny_model_dir, tmp_path):
     """Full fine-tuning: after SFT steps, set_reference() makes the current weights the reference, and a
     resumed run gets the same reference back from the folder GRPO started from."""
-    from shared.config import ModelConfig, SFTConfig
-    from shared.data import Problem
-    from shared.padding import pack_batch
-    from shared.prompts import prompt_ids, target_ids
+    from shared.algorithms.padding import pack_batch
+    from shared.models.prompts import prompt_ids, target_ids
+    from shared.tasks.addition.data import Problem
+    from shared.training.config import ModelConfig, SFTConfig
 
     def new_backend():
         if backend == "torch":

@@ -1,10 +1,10 @@
 import pytest
 
-from shared.data import Problem, reasoning_target
-from shared.rewards import (ADDITION_REWARDS, correctness_reward, format_reward, parse_answer, step_validity_reward,
-                            steps_reward, verification_reward)
-from shared.task import combined_reward, reward_components, reward_weights
-from shared.addition import AdditionTask
+from shared.tasks.addition.data import Problem, reasoning_target
+from shared.tasks.addition.rewards import (ADDITION_REWARDS, correctness_reward, format_reward, parse_answer, step_validity_reward,
+                                           steps_reward, verification_reward)
+from shared.tasks.addition.task import AdditionTask
+from shared.tasks.task import combined_reward, reward_components, reward_weights
 
 WEIGHTS = reward_weights(AdditionTask().rewards)
 

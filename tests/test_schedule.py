@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from shared.training import learning_rate
+from shared.training.loops import learning_rate
 
 
 def test_warm_up_then_cosine_from_the_warm_up_on():

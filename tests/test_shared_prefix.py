@@ -10,11 +10,11 @@ import torch
 
 from mlx.utils import tree_flatten
 
-from shared.backend import GRPOBatch
-from shared.config import GRPOConfig, ModelConfig
-from shared.data import Problem
-from shared.padding import PrefixBlock, distinct_prompts, pack_batch, prefix_blocks
-from shared.prompts import prompt_ids
+from shared.algorithms.padding import PrefixBlock, distinct_prompts, pack_batch, prefix_blocks
+from shared.models.prompts import prompt_ids
+from shared.tasks.addition.data import Problem
+from shared.training.backend import GRPOBatch
+from shared.training.config import GRPOConfig, ModelConfig
 from reasoning_mlx.backend import MLXBackend
 from reasoning_torch.backend import TorchBackend
 

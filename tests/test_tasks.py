@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from shared.addition import AdditionTask
-from shared.config import build_run_config
-from shared.countdown import (CountdownTask, evaluate_expression, generate_countdown, is_held_out, reachable, solve)
-from shared.errors import UsageError, UserError
-from shared.file_task import FileTask, answers_match
-from shared.task import RewardFailed, TaskConfig, reward_components, reward_weights
-from shared.task_registry import load_task, task_config
+from shared.runtime.errors import UsageError, UserError
+from shared.tasks.addition.task import AdditionTask
+from shared.tasks.countdown import (CountdownTask, evaluate_expression, generate_countdown, is_held_out, reachable, solve)
+from shared.tasks.file_task import FileTask, answers_match
+from shared.tasks.registry import load_task, task_config
+from shared.tasks.task import RewardFailed, TaskConfig, reward_components, reward_weights
+from shared.training.config import build_run_config
 
 
 def digest(values) -> str:
@@ -206,7 +206,7 @@ def test_typed_problems_per_task():
 
 
 def test_eval_and_infer_take_the_checkpoints_task_or_say_it_is_gone(tmp_path):
-    from shared.task_registry import checkpoint_task
+    from shared.tasks.registry import checkpoint_task
 
     assert checkpoint_task(tmp_path, None, None).name == "addition"  # a checkpoint from before tasks
     task_file = write_lines(tmp_path / "t.jsonl", {"prompt": "a", "answer": 1, "split": "train"},

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from shared.data import Problem, reasoning_target
-from shared.prompts import prompt_ids, target_ids
-from shared.tiny_model import TinyModelSpec, model_weights, write_tiny_model
+from shared.models.prompts import prompt_ids, target_ids
+from shared.models.tiny_model import TinyModelSpec, model_weights, write_tiny_model
+from shared.tasks.addition.data import Problem, reasoning_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_processes_started_together_on_a_fresh_cache_all_get_the_model(tmp_path)
     """torchrun ranks resolve --model tiny at the same moment: without the cache lock each built its own
     copy, and one of two such processes once failed renaming it over the other's (OSError: Directory not empty)."""
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
-            "from shared.tiny_model import ensure_tiny_model; print(ensure_tiny_model())")
+            "from shared.models.tiny_model import ensure_tiny_model; print(ensure_tiny_model())")
     env = {**os.environ, "LOCAL_REASONING_CACHE": str(tmp_path)}
     processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(8)]

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from shared.backend import GRPOBatch
-from shared.config import GRPOConfig, ModelConfig, SFTConfig
-from shared.data import Problem, reasoning_target
-from shared.grpo import LOSS_VARIANTS, grpo_loss as reference_grpo_loss
-from shared.padding import pack_batch
-from shared.prompts import prompt_ids, target_ids
+from shared.algorithms.grpo import LOSS_VARIANTS, grpo_loss as reference_grpo_loss
+from shared.algorithms.padding import pack_batch
+from shared.models.prompts import prompt_ids, target_ids
+from shared.tasks.addition.data import Problem, reasoning_target
+from shared.training.backend import GRPOBatch
+from shared.training.config import GRPOConfig, ModelConfig, SFTConfig
 from reasoning_torch.backend import TorchBackend
 from reasoning_torch.losses import grpo_loss, to_tensors
 

@@ -11,15 +11,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import shared.training as training  # noqa: E402
+import shared.training.loops as training  # noqa: E402
 from backends import make_backend  # noqa: E402
-from shared.backend import GRPOBatch  # noqa: E402
-from shared.config import GRPOConfig, ModelConfig, SFTConfig  # noqa: E402
-from shared.data import generate_problems  # noqa: E402
-from shared.distributed import shard  # noqa: E402
-from shared.padding import pack_batch  # noqa: E402
-from shared.prompts import encode_prompts, encode_targets  # noqa: E402
-from shared.tiny_model import ensure_tiny_model  # noqa: E402
+from shared.algorithms.padding import pack_batch  # noqa: E402
+from shared.models.prompts import encode_prompts, encode_targets  # noqa: E402
+from shared.models.tiny_model import ensure_tiny_model  # noqa: E402
+from shared.runtime.distributed import shard  # noqa: E402
+from shared.tasks.addition.data import generate_problems  # noqa: E402
+from shared.training.backend import GRPOBatch  # noqa: E402
+from shared.training.config import GRPOConfig, ModelConfig, SFTConfig  # noqa: E402
 
 output, normaliser, variant, backend_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 if normaliser == "local":

@@ -1,0 +1,1 @@
+"""Checkpoint files: layouts, safetensors, LoRA adapters, manifests, atomic folders, conversion between layouts."""

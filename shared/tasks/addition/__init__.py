@@ -1,0 +1,1 @@
+"""The seed's task: sums of small numbers, answered with a numbered <think> trace."""
