@@ -70,6 +70,8 @@ Example = tuple[list[int], list[int]]
 
 def encode_examples(tokenizer: Any, problems: list[TaskProblem]) -> list[Example]:
     """SFT's (prompt ids, target ids) of each problem."""
+    if not problems:  # the tokenizer refuses an empty batch
+        return []
     return list(zip(encode_prompts(tokenizer, problems), encode_targets(tokenizer, problems)))
 
 
