@@ -64,7 +64,6 @@ def trl_sft() -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     args = SFTConfig(output_dir="/tmp/bench_memory_trl_sft", per_device_train_batch_size=SFT_BATCH, max_steps=2,
@@ -86,7 +85,6 @@ def mlx_lm_sft() -> dict:
     from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
-
 
     model, tokenizer = load(smollm2_folder())
     model.freeze()
@@ -136,7 +134,6 @@ def trl_grpo(recompute: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-
 
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
