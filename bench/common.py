@@ -62,8 +62,9 @@ def after_warmup(durations: list[float], tokens: list[int], warmup: int) -> floa
 
 
 def peak_memory_gb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    """The process's peak resident memory (since the last reset_peak_rss), in GiB."""
+    from shared.runtime.memory import peak_rss_bytes
+    return peak_rss_bytes() / 2**30
 
 
 def step_timer():

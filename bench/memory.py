@@ -20,16 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: the project's root
 
-from bench.common import (LORA_TARGETS, conversations, lora_config, parsed_or_worker, print_rows,  # noqa: E402
-                          problems, row, run_worker, smollm2_folder)
+from bench.common import (LORA_TARGETS, conversations, lora_config, parsed_or_worker, peak_memory_gb,  # noqa: E402
+                          print_rows, problems, row, run_worker, smollm2_folder)
 
 GROUP, PROMPTS, COMPLETION = 8, 4, 160
 SFT_BATCH = 4
-
-
-def peak_gb() -> float:
-    from shared.runtime.memory import peak_rss_bytes
-    return peak_rss_bytes() / 2**30
 
 
 def start_peak() -> None:
@@ -55,7 +50,7 @@ def ours_sft(backend_name: str, recompute: bool) -> dict:
     start_peak()
     backend.reset_peak_memory()
     losses = [backend.sft_step(batch, 2e-4, SFTConfig())["loss"] for _ in range(2)]
-    return {"peak_gb": peak_gb(), "framework_peak_gb": backend.peak_memory() / 2**30, "loss": losses[0]}
+    return {"peak_gb": peak_memory_gb(), "framework_peak_gb": backend.peak_memory() / 2**30, "loss": losses[0]}
 
 
 def trl_sft() -> dict:
@@ -74,7 +69,7 @@ def trl_sft() -> dict:
                          peft_config=lora_config())
     start_peak()
     trainer.train()
-    return {"peak_gb": peak_gb()}
+    return {"peak_gb": peak_memory_gb()}
 
 
 def mlx_lm_sft() -> dict:
@@ -97,7 +92,7 @@ def mlx_lm_sft() -> dict:
     start_peak()
     mx.reset_peak_memory()
     train(model=model, optimizer=optim.AdamW(learning_rate=2e-4), train_dataset=dataset, args=args)
-    return {"peak_gb": peak_gb(), "framework_peak_gb": mx.get_peak_memory() / 2**30}
+    return {"peak_gb": peak_memory_gb(), "framework_peak_gb": mx.get_peak_memory() / 2**30}
 
 
 def ours_grpo(backend_name: str, recompute: bool) -> dict:
@@ -123,7 +118,7 @@ def ours_grpo(backend_name: str, recompute: bool) -> dict:
     tokens = pack_batch(prompts, completions, backend.tokenizer.pad_token_id)
     advantages = rng.normal(size=len(tokens)).astype(np.float32)
     stats = backend.grpo_step(GRPOBatch(tokens, advantages, None, None), settings.lr, settings)
-    return {"peak_gb": peak_gb(), "framework_peak_gb": backend.peak_memory() / 2**30, "loss": stats["loss"]}
+    return {"peak_gb": peak_memory_gb(), "framework_peak_gb": backend.peak_memory() / 2**30, "loss": stats["loss"]}
 
 
 def trl_grpo(recompute: bool) -> dict:
@@ -155,7 +150,7 @@ def trl_grpo(recompute: bool) -> dict:
     start_peak()
     trainer.train()
     lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
-    return {"peak_gb": peak_gb(), "completion_tokens": lengths[0]}
+    return {"peak_gb": peak_memory_gb(), "completion_tokens": lengths[0]}
 
 
 def rows(quick: bool = False):

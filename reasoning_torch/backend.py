@@ -96,7 +96,7 @@ class TorchBackend:
     def logprob_parts(self, model, batch: TokenBatch, temperature: float):
         """(rows, columns, their per-token log-probs) for each micro-batch: each distinct prompt run once
         (shared_prefix), or each row with its own copy of its prompt."""
-        if self.shared_prefix and not self.recomputes:
+        if self.prefix_once:
             for block in prefix_blocks(batch, self.rows_per_pass(batch)):
                 with self.autocast():
                     logprobs = prefix_logprobs(model, block, self.device, temperature)
@@ -118,6 +118,10 @@ class TorchBackend:
         if self.reference is None:
             self.set_reference()
         yield self.reference
+
+    @property
+    def prefix_once(self) -> bool:
+        return self.shared_prefix and not self.recomputes
 
     def rows_per_pass(self, batch: TokenBatch) -> int:
         return self.sequences_per_pass(batch.input_ids.shape[1], self.model.config.vocab_size)

@@ -9,7 +9,8 @@ from shared.checkpoints.layouts import check_checkpoint, model_dimensions
 from shared.tasks.task import Task
 from shared.training.backend import Backend
 from shared.training.config import EvalConfig
-from shared.training.evaluation import add_comparisons, evaluate, extra_sets, results_table, sampled_line
+from shared.training.evaluation import (EvalResult, add_comparisons, evaluate, extra_sets, results_table,
+                                        sampled_line)
 from shared.training.problem_sets import fit_evaluation_sets, sequence_limit
 
 
@@ -42,16 +43,19 @@ def evaluate_checkpoint(request: CheckpointEval, load: Callable[[Path], Backend]
             **extra_sets(task, request.ood_samples, settings.seed)}
     limit = sequence_limit(request.max_seq_len, model_dimensions(request.checkpoint))
     sets = fit_evaluation_sets(model.tokenizer, sets, settings.max_new_tokens, limit, request.truncate)
-    results = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
-               for name, problems in sets.items()}
+
+    def scored(model: Backend) -> dict[str, EvalResult]:
+        return {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
+                for name, problems in sets.items()}
+
+    results = scored(model)
     echo(f"{request.checkpoint}\n" + results_table(results, first_column="problem set") + "\n"
          + "".join(f"{sampled_line(name, result)}\n" for name, result in results.items() if result.k))
     payload = {name: {**result.summary(), "samples": result.samples, "solved": result.solved}
                for name, result in results.items()}
     if request.compare:
-        model = load(request.compare)
-        baseline = {name: evaluate(model, task.rewards, problems, settings, label=f"eval {name}")
-                    for name, problems in sets.items()}
+        model = load(request.compare)  # the first model's memory is let go
+        baseline = scored(model)
         echo(f"\n{request.compare}\n" + results_table(baseline, first_column="problem set") + "\n\n")
         echo(add_comparisons(payload, results, baseline, str(request.checkpoint), str(request.compare)) + "\n")
     return payload
